@@ -1,0 +1,47 @@
+"""factorlab: compress pretrained transformers by factorizing their weight matrices."""
+
+from factorlab import models
+from factorlab.checkpoint import densify, load, save
+from factorlab.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    FactorlabError,
+    OutputExistsError,
+    TargetError,
+)
+from factorlab.layers import FactorizedLinear, LowRankLinear
+from factorlab.methods import (
+    FactorizationConfig,
+    FactorizationReport,
+    LowRankConfig,
+    count_parameters,
+    factorize_,
+    factorized_modules,
+    make_config,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "FactorizationConfig",
+    "FactorizationReport",
+    "FactorizedLinear",
+    "FactorlabError",
+    "LowRankConfig",
+    "LowRankLinear",
+    "OutputExistsError",
+    "TargetError",
+    "__version__",
+    "count_parameters",
+    "densify",
+    "factorize_",
+    "factorized_modules",
+    "load",
+    "make_config",
+    "models",
+    "save",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from factorlab.cli import main
+
+sys.exit(main())

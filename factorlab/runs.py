@@ -1,0 +1,223 @@
+"""One run end to end: load, factorize, fine-tune, evaluate, save, write ``results.json``.
+
+Everything a run can fail on for bad input is checked in ``prepare_run`` before any work is done
+or any file is touched; the checkpoint and its ``results.json`` land together in one atomic rename.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from accelerate import Accelerator
+
+from factorlab.checkpoint import save
+from factorlab.errors import OutputExistsError
+from factorlab.methods import (
+    FactorizationConfig,
+    count_parameters,
+    factorize_,
+    make_config,
+)
+from factorlab.models import default_model_path, load_model, load_tokenizer, resolve_model
+from factorlab.targets import select_targets
+from factorlab.tasks import GlueTask, check_task_available, get_task, load_split
+from factorlab.training import EncodedSplit, TrainingConfig, evaluate, seed_everything, train
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class RunConfig:
+    """What one run does. ``method=None`` is the dense baseline (fine-tuning only).
+
+    Attributes:
+        model: Hugging Face folder or Hub id, or a factorlab checkpoint; ``None``: embedded MiniLM.
+        task: GLUE task to fine-tune and evaluate on; ``None``: factorize and save only.
+        data_dir: GLUE folder (else ``GLUE_DIR``, else the Hub).
+        method: registered method name (``"low-rank"``) or ``None`` for dense.
+        method_options: keyword options of the method's config (``param_ratio``, ``nblocks``...).
+        training: the fine-tuning recipe (also used for its seed when there is no task).
+        output: the run's directory (checkpoint + ``results.json``).
+    """
+
+    output: str
+    model: str | None = None
+    task: str | None = None
+    data_dir: str | None = None
+    method: str | None = "low-rank"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model or "embedded:all-MiniLM-L6-v2",
+            "task": self.task,
+            "method": self.method or "dense",
+            "method_options": self.method_options,
+            "training": asdict(self.training),
+        }
+
+
+@dataclass
+class PreparedRun:
+    """A validated ``RunConfig``: resolved model path, task and factorization config."""
+
+    config: RunConfig
+    model_path: str
+    task: GlueTask | None
+    factorization: FactorizationConfig | None
+
+
+def check_output(output: str | Path, config: dict[str, Any], overwrite: bool) -> None:
+    """Refuse an output directory that holds something other than this same run.
+
+    Raises:
+        OutputExistsError: the directory is non-empty and holds a different run or unknown files,
+            and ``overwrite`` is False.
+    """
+    path = Path(output)
+    if overwrite or not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    results = path / RESULTS_FILE
+    if results.is_file():
+        try:
+            previous = json.loads(results.read_text()).get("config")
+        except json.JSONDecodeError:
+            previous = None
+        if previous == config:
+            return
+        raise OutputExistsError(
+            f"{path} already holds a different run (its {RESULTS_FILE} has another config). "
+            "Choose another --output, or pass --overwrite to replace it."
+        )
+    raise OutputExistsError(
+        f"{path} exists and is not an empty folder or a factorlab run. Choose another --output, "
+        "or pass --overwrite to replace it."
+    )
+
+
+def prepare_run(config: RunConfig, overwrite: bool = False) -> PreparedRun:
+    """Check every input of ``config`` without loading weights or writing anything.
+
+    Raises:
+        ConfigError: bad method, option or training value. DataError: missing model or data.
+        OutputExistsError: see ``check_output``.
+    """
+    factorization = make_config(config.method, **config.method_options) if config.method else None
+    task = get_task(config.task) if config.task else None
+    if task is not None:
+        check_task_available(task, config.data_dir)
+    model_path = resolve_model(config.model)
+    check_output(config.output, config.to_dict(), overwrite)
+    return PreparedRun(config, model_path, task, factorization)
+
+
+def versions() -> dict[str, str]:
+    from factorlab import __version__
+
+    return {
+        "factorlab": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[str, Any]:
+    """Run a prepared run and save it; returns the ``results.json`` content.
+
+    ``results.json`` holds ``method``, ``param_ratio``, ``seed``, ``task``, ``model``,
+    ``parameters`` {targeted_before, targeted_after, model_before, model_after}, ``metrics``
+    (fractions), ``timings`` (seconds per phase), ``versions``, ``factorization`` (per-module
+    report) and the full ``config``.
+    """
+    config, task, training = run.config, run.task, run.config.training
+    timings: dict[str, float] = {}
+    accelerator = Accelerator()
+
+    start = time.perf_counter()
+    seed_everything(training.seed)
+    model = load_model(
+        run.model_path,
+        num_labels=task.num_labels if task else None,
+        regression=bool(task and task.is_regression),
+    )
+    tokenizer = load_tokenizer(run.model_path)
+    timings["load"] = time.perf_counter() - start
+    model_before = count_parameters(model)
+
+    report = None
+    if run.factorization is not None:
+        start = time.perf_counter()
+        report = factorize_(model, run.factorization)
+        timings["factorize"] = time.perf_counter() - start
+        targeted_before, targeted_after = report.targeted_before, report.targeted_after
+        log(
+            f"factorized {len(report.modules)} modules with {report.method}: "
+            f"{targeted_before:,} -> {targeted_after:,} targeted parameters "
+            f"({report.kept_ratio:.3f} kept)"
+        )
+    else:
+        targeted_before = sum(
+            sum(p.numel() for p in t.module.parameters()) for t in select_targets(model)
+        )
+        targeted_after = targeted_before
+
+    metrics: dict[str, float] = {}
+    train_info: dict[str, Any] = {}
+    if task is not None:
+        start = time.perf_counter()
+        train_split = load_split(task, "train", config.data_dir)
+        if training.train_samples is not None and training.train_samples < len(train_split):
+            train_split = train_split.subset(training.train_samples, seed=training.seed)
+        train_data = EncodedSplit(train_split, tokenizer, training.max_seq_length)
+        eval_data = {
+            split: EncodedSplit(
+                load_split(task, split, config.data_dir), tokenizer, training.max_seq_length
+            )
+            for split in task.eval_splits
+        }
+        timings["data"] = time.perf_counter() - start
+        result = train(
+            model, train_data, tokenizer, training, accelerator=accelerator, progress=progress
+        )
+        timings["train"] = result.seconds
+        train_info = {"steps": result.steps, "examples": len(train_data), "losses": result.losses}
+        model = accelerator.unwrap_model(model)
+        start = time.perf_counter()
+        for i, (split, data) in enumerate(eval_data.items()):
+            scores = evaluate(model, data, tokenizer, training.eval_batch_size, accelerator)
+            metrics.update({(k if i == 0 else f"{split}/{k}"): v for k, v in scores.items()})
+        timings["evaluate"] = time.perf_counter() - start
+
+    results = {
+        "method": config.method or "dense",
+        "param_ratio": run.factorization.param_ratio if run.factorization else 1.0,
+        "seed": training.seed,
+        "task": task.name if task else None,
+        "model": config.model or f"embedded:all-MiniLM-L6-v2 ({default_model_path()})",
+        "parameters": {
+            "targeted_before": targeted_before,
+            "targeted_after": targeted_after,
+            "model_before": model_before,
+            "model_after": count_parameters(model),
+        },
+        "metrics": metrics,
+        "main_metric": task.main_metric if task else None,
+        "train": train_info,
+        "timings": timings,
+        "versions": versions(),
+        "factorization": report.to_dict() if report else None,
+        "config": config.to_dict(),
+    }
+    model.eval()
+    method = run.factorization.to_dict() if run.factorization else None
+    save(model, config.output, tokenizer, method=method, extra_files={RESULTS_FILE: results})
+    return results

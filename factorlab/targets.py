@@ -1,0 +1,188 @@
+"""Which modules to factorize: presets per architecture, name/regex matching, per-module budgets.
+
+This is the only place that knows module names. Presets name the attention and feed-forward
+matrices of the transformer blocks; embeddings, poolers and task heads are never targeted by
+default. For an architecture without a preset, every linear layer inside the model's repeated
+blocks (the longest ``nn.ModuleList`` of identical blocks) is a target.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from factorlab.errors import TargetError
+from factorlab.methods.config import FactorizationConfig
+from factorlab.methods.registry import ModuleBudget
+
+_BERT_BLOCK = (
+    r"(.*\.)?encoder\.layer\.\d+\."
+    r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+)
+PRESETS: dict[str, str] = {
+    "bert": _BERT_BLOCK,
+    "roberta": _BERT_BLOCK,
+    "xlm-roberta": _BERT_BLOCK,
+    "electra": _BERT_BLOCK,
+    "camembert": _BERT_BLOCK,
+    "distilbert": (
+        r"(.*\.)?transformer\.layer\.\d+\."
+        r"(attention\.(q_lin|k_lin|v_lin|out_lin)|ffn\.(lin1|lin2))"
+    ),
+}
+"""``config.model_type`` -> regex (full match) of the modules factorized by default."""
+
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module chosen for factorization; ``weight`` is ``(out_features, in_features)``."""
+
+    name: str
+    module: nn.Module
+    source: str
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dense_weight(self.module)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        w = self.module.weight
+        return (w.shape[1], w.shape[0]) if self.source == "conv1d" else (w.shape[0], w.shape[1])
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of ``nn.Linear`` or GPT-2 ``Conv1D`` as ``(out_features, in_features)``.
+
+    ``Conv1D`` stores its weight as ``(in, out)`` and computes ``x W + b``; it is transposed here.
+    """
+    if isinstance(module, Conv1D):
+        return module.weight.t()
+    return module.weight
+
+
+def _source(module: nn.Module) -> str:
+    return "conv1d" if isinstance(module, Conv1D) else "linear"
+
+
+def _matches(name: str, spec: Sequence[str] | str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == key or name.endswith("." + key) for key in spec)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Names of every ``nn.Linear`` / ``Conv1D`` in ``model``, in module order."""
+    return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_TYPES)]
+
+
+def summarize_names(names: Sequence[str]) -> str:
+    """``encoder.layer.N.attention.self.query (x6), ...``: names with layer indices folded."""
+    folded = Counter(re.sub(r"\.\d+\.", ".N.", name) for name in names)
+    return ", ".join(f"{k} (x{v})" if v > 1 else k for k, v in folded.items())
+
+
+def _repeated_block_prefixes(model: nn.Module) -> list[str]:
+    """Prefixes (``"transformer.h.3."``) of the blocks of the longest list of identical blocks."""
+    best: tuple[int, str] = (0, "")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 2:
+            kinds = {type(child) for child in module}
+            if len(kinds) == 1 and len(module) > best[0]:
+                best = (len(module), name)
+    if best[0] == 0:
+        return []
+    return [f"{best[1]}.{i}." if best[1] else f"{i}." for i in range(best[0])]
+
+
+def default_target_names(model: nn.Module) -> list[str]:
+    """The preset targets of ``model``'s architecture, else every linear inside its blocks."""
+    names = linear_module_names(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in PRESETS:
+        return [n for n in names if re.fullmatch(PRESETS[model_type], n)]
+    prefixes = _repeated_block_prefixes(model)
+    return [n for n in names if any(n.startswith(p) for p in prefixes)]
+
+
+def select_targets(
+    model: nn.Module,
+    target_modules: Sequence[str] | str | None = None,
+    exclude_modules: Sequence[str] | str | None = None,
+) -> list[Target]:
+    """Resolve which modules of ``model`` to factorize, checking everything before any change.
+
+    Args:
+        model: any ``nn.Module``; presets apply when ``model.config.model_type`` has one.
+        target_modules / exclude_modules: see ``FactorizationConfig``.
+
+    Returns:
+        The targets in module order, each with its weight shape ``(out_features, in_features)``.
+
+    Raises:
+        TargetError: a name or regex matches no module (the message lists the model's linear
+            modules), a matched module is not ``nn.Linear``/``Conv1D``, or nothing is left.
+    """
+    modules = dict(model.named_modules())
+    linear_names = linear_module_names(model)
+    listing = summarize_names(linear_names) or "(none)"
+    if target_modules is None:
+        chosen = default_target_names(model)
+    else:
+        chosen = [n for n in modules if n and _matches(n, target_modules)]
+        if isinstance(target_modules, str):
+            unmatched = [] if chosen else [target_modules]
+        else:
+            unmatched = [k for k in target_modules if not any(_matches(n, [k]) for n in chosen)]
+        if unmatched:
+            raise TargetError(
+                f"target_modules entries {unmatched} match no module of this model. "
+                f"Its linear modules are: {listing}"
+            )
+        unsupported = [n for n in chosen if not isinstance(modules[n], SUPPORTED_TYPES)]
+        if unsupported:
+            kinds = sorted({type(modules[n]).__name__ for n in unsupported})
+            raise TargetError(
+                f"target_modules matched {unsupported[:5]}{'...' if len(unsupported) > 5 else ''} "
+                f"of type(s) {kinds}; only nn.Linear and transformers' Conv1D can be factorized. "
+                f"Its linear modules are: {listing}"
+            )
+    if exclude_modules is not None:
+        if isinstance(exclude_modules, str) and not any(
+            _matches(n, exclude_modules) for n in modules
+        ):
+            raise TargetError(
+                f"exclude_modules {exclude_modules!r} matches no module. "
+                f"Its linear modules are: {listing}"
+            )
+        chosen = [n for n in chosen if not _matches(n, exclude_modules)]
+    if not chosen:
+        raise TargetError(
+            "no module left to factorize"
+            + (
+                " (this architecture has no preset and no repeated blocks were found)"
+                if target_modules is None
+                else ""
+            )
+            + f". Pass target_modules; the model's linear modules are: {listing}"
+        )
+    return [Target(n, modules[n], _source(modules[n])) for n in chosen]
+
+
+def budget_for(name: str, config: FactorizationConfig) -> ModuleBudget:
+    """The budget of module ``name``: the first ``rank_pattern`` regex found in it, else
+    ``param_ratio``."""
+    for pattern, value in config.rank_pattern.items():
+        if re.search(pattern, name):
+            if isinstance(value, int):
+                return ModuleBudget(param_ratio=config.param_ratio, rank=value)
+            return ModuleBudget(param_ratio=float(value))
+    return ModuleBudget(param_ratio=config.param_ratio)
