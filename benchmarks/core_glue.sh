@@ -1,16 +1,32 @@
 #!/usr/bin/env bash
 # The README's core table: dense MiniLM vs low-rank at param_ratio 0.5, each fine-tuned with the
-# same recipe and seed, evaluated on the real GLUE dev sets. Usage:
+# same recipe and seed, evaluated on the real GLUE dev sets. A run whose results.json exists is
+# kept (runs are deterministic for a seed on CPU), so an interrupted script resumes. Usage:
 #   bash benchmarks/core_glue.sh [OUT_DIR]      (GLUE_DIR defaults to ../shared/data/glue)
 # then: factorlab report OUT_DIR
 set -euo pipefail
 out=${1:-runs/core}
 data=${GLUE_DIR:-../shared/data/glue}
 export HF_HUB_OFFLINE=1
+
+run() {  # run NAME COMMAND...: skip a finished run
+  local name=$1
+  shift
+  if [ -f "$out/$name/results.json" ]; then
+    echo "$name: done already"
+  else
+    "$@" --output "$out/$name"
+  fi
+}
+
 for task in sst2 mrpc rte; do
-  recipe=(--task "$task" --data-dir "$data" --seed 42 --epochs 3 --no-progress)
-  # SST-2 has 67k training sentences: a seeded 10k subset keeps a run near 10 minutes on 2 cores.
-  [ "$task" = sst2 ] && recipe+=(--train-samples 10000 --epochs 2)
-  factorlab finetune "${recipe[@]}" --output "$out/$task-dense"
-  factorlab compress "${recipe[@]}" --method low-rank --param-ratio 0.5 --output "$out/$task-low-rank-0.5"
+  recipe=(--task "$task" --data-dir "$data" --seed 42 --no-progress)
+  if [ "$task" = sst2 ]; then
+    # 67k training sentences: a seeded 10k subset for 2 epochs keeps it affordable on 2 cores.
+    recipe+=(--train-samples 10000 --epochs 2)
+  else
+    recipe+=(--epochs 3)
+  fi
+  run "$task-dense" factorlab finetune "${recipe[@]}"
+  run "$task-low-rank-0.5" factorlab compress "${recipe[@]}" --method low-rank --param-ratio 0.5
 done

@@ -11,10 +11,17 @@ from factorlab.errors import (
     TargetError,
 )
 from factorlab.layers import FactorizedLinear, LowRankLinear
+from factorlab.layers.block_low_rank import BlockLowRankLinear
+from factorlab.layers.monarch import MonarchLinear
 from factorlab.methods import (
+    ActSVDConfig,
+    AutoencoderConfig,
+    BlockLowRankConfig,
     FactorizationConfig,
     FactorizationReport,
+    FWSVDConfig,
     LowRankConfig,
+    MonarchConfig,
     count_parameters,
     factorize_,
     factorized_modules,
@@ -24,15 +31,22 @@ from factorlab.methods import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActSVDConfig",
+    "AutoencoderConfig",
+    "BlockLowRankConfig",
+    "BlockLowRankLinear",
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "FWSVDConfig",
     "FactorizationConfig",
     "FactorizationReport",
     "FactorizedLinear",
     "FactorlabError",
     "LowRankConfig",
     "LowRankLinear",
+    "MonarchConfig",
+    "MonarchLinear",
     "OutputExistsError",
     "TargetError",
     "__version__",

@@ -4,7 +4,8 @@ Layout of a checkpoint directory::
 
     config.json, tokenizer files     Hugging Face, unchanged
     factorlab.json                   {"schema_version", "factorlab_version", "architecture",
-                                      "method", "modules": {name: layer spec}}
+                                      "method", "modules": {name: layer spec},
+                                      ["shared_modules": {name: module spec}]}
     model.safetensors                dense models (no factorized module): a plain HF checkpoint
     factorized.safetensors           factorized models
 
@@ -30,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from factorlab.errors import CheckpointError, DataError
 from factorlab.io import atomic_directory, write_json_atomic
-from factorlab.layers.base import FactorizedLinear
+from factorlab.layers.base import FactorizedLinear, build_shared_module
 from factorlab.methods.apply import factorized_modules
 
 SCHEMA_VERSION = 1
@@ -46,16 +47,34 @@ def _version() -> str:
 
 
 def build_spec(model: nn.Module, method: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The factorization spec of ``model``: its architecture and every factorized layer's spec."""
+    """The factorization spec of ``model``: its architecture and every factorized layer's spec,
+    plus ``"shared_modules"`` (each module several layers share, e.g. a decoder) when there are
+    any.
+
+    Raises:
+        CheckpointError: two different module objects claim the same shared name.
+    """
     config = getattr(model, "config", None)
-    return {
+    layers = factorized_modules(model)
+    spec: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "factorlab_version": _version(),
         "architecture": type(model).__name__,
         "method": method,
-        "modules": {name: layer.spec() for name, layer in factorized_modules(model).items()},
+        "modules": {name: layer.spec() for name, layer in layers.items()},
         "model_type": getattr(config, "model_type", None),
     }
+    shared: dict[str, nn.Module] = {}
+    for name, layer in layers.items():
+        for key, module in layer.shared_modules().items():
+            if shared.setdefault(key, module) is not module:
+                raise CheckpointError(
+                    f"{name} uses a shared module named {key!r} that is not the module other "
+                    "layers use under that name; give distinct modules distinct names"
+                )
+    if shared:
+        spec["shared_modules"] = {key: module.spec() for key, module in shared.items()}
+    return spec
 
 
 def save(
@@ -131,7 +150,8 @@ def load(directory: str | os.PathLike, device: str | torch.device | None = None)
 
     An empty model of the saved architecture is built from ``config.json``, each factorized module
     is rebuilt from its spec (``FactorizedLinear.from_spec``; no projection runs), and every tensor
-    is loaded strictly. The model is returned in eval mode.
+    is loaded strictly. A shared module (``"shared_modules"``) is built once and given to every
+    layer naming it, so sharing survives the round trip. The model is returned in eval mode.
 
     Raises:
         DataError: missing directory, spec or weights file.
@@ -148,6 +168,10 @@ def load(directory: str | os.PathLike, device: str | torch.device | None = None)
         )
     model = model_cls(config).to(device or "cpu")
 
+    shared = {
+        key: build_shared_module(module_spec).to(device=device or "cpu")
+        for key, module_spec in spec.get("shared_modules", {}).items()
+    }
     for name, layer_spec in spec["modules"].items():
         try:
             model.get_submodule(name)
@@ -155,7 +179,8 @@ def load(directory: str | os.PathLike, device: str | torch.device | None = None)
             raise CheckpointError(
                 f"the spec factorizes {name!r}, which {spec['architecture']} has no module of"
             ) from exc
-        model.set_submodule(name, FactorizedLinear.from_spec(layer_spec).to(device=device or "cpu"))
+        layer = FactorizedLinear.from_spec(layer_spec, shared)
+        model.set_submodule(name, layer.to(device=device or "cpu"))
 
     weights = directory / (FACTORIZED_WEIGHTS if spec["modules"] else DENSE_WEIGHTS)
     if not weights.is_file():

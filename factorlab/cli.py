@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -13,7 +14,7 @@ from factorlab.errors import FactorlabError
 EXIT_USAGE = 2
 
 
-def _add_training_args(parser: argparse.ArgumentParser) -> None:
+def _add_training_args(parser: argparse.ArgumentParser, seed: bool = True) -> None:
     from factorlab.training import TrainingConfig
 
     d = TrainingConfig()
@@ -37,9 +38,15 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         "--warmup-ratio", type=float, default=d.warmup_ratio, help=f"default {d.warmup_ratio}"
     )
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    if seed:
+        g.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     g.add_argument(
         "--train-samples", type=int, help="train on a seeded random subset of this many examples"
+    )
+    g.add_argument(
+        "--train-fraction",
+        type=float,
+        help="train on a seeded random subset of this fraction of the examples, in (0, 1]",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -58,13 +65,66 @@ def _training_config(args: argparse.Namespace) -> Any:
         weight_decay=args.weight_decay,
         seed=args.seed,
         train_samples=args.train_samples,
+        train_fraction=args.train_fraction,
     )
+
+
+def _add_staged_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("staged factorization (METHODS.md §4)")
+    g.add_argument("--stage-order", choices=["top-down", "bottom-up"], help="default top-down")
+    g.add_argument("--blocks-per-stage", type=int, help="transformer blocks per stage, default 1")
+
+
+def _staged_schedule(args: argparse.Namespace, staged: bool) -> Any:
+    from factorlab.training import StagedSchedule
+
+    options = {
+        k: v
+        for k, v in (("order", args.stage_order), ("blocks_per_stage", args.blocks_per_stage))
+        if v is not None
+    }
+    if not staged:
+        if options:
+            raise _usage("--stage-order and --blocks-per-stage need --staged")
+        return None
+    return StagedSchedule(**options)
+
+
+def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("calibration (fwsvd, act-svd; METHODS.md §5)")
+    g.add_argument(
+        "--calibration-task",
+        help="GLUE task whose training split calibrates (labelled; default: --task)",
+    )
+    g.add_argument(
+        "--calibration-file",
+        help="text file, one example per line (no labels: act-svd's Gram statistics only)",
+    )
+    g.add_argument(
+        "--calibration-samples", type=int, help="seeded random subset of examples, default 512"
+    )
+    g.add_argument(
+        "--fisher-axis",
+        choices=["out", "in"],
+        help="fwsvd: weigh output rows (default) or input columns",
+    )
+
+
+def _calibration(args: argparse.Namespace) -> Any:
+    from factorlab.calibration import CalibrationConfig
+
+    task, file, samples = args.calibration_task, args.calibration_file, args.calibration_samples
+    if task is None and file is None and samples is None:
+        return None
+    return CalibrationConfig(task=task, file=file, samples=512 if samples is None else samples)
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"param_ratio": args.param_ratio}
     if args.nblocks is not None:
         options["nblocks"] = args.nblocks
+    if getattr(args, "fisher_axis", None) is not None:
+        options["fisher_axis"] = args.fisher_axis
     if args.target_modules:
         options["target_modules"] = args.target_modules
     if args.target_regex:
@@ -88,6 +148,7 @@ def _print_summary(results: dict[str, Any], output: str) -> None:
     rows = [
         ("method", results["method"]),
         ("param_ratio", f"{results['param_ratio']}"),
+        ("schedule", results.get("schedule") or "-"),
         ("task", results["task"] or "-"),
         ("metrics", metrics),
         ("targeted params", f"{p['targeted_before']:,} -> {p['targeted_after']:,}"),
@@ -110,10 +171,42 @@ def cmd_compress(args: argparse.Namespace, method: str | None) -> int:
         method=method,
         method_options=_method_options(args) if method else {},
         training=_training_config(args),
+        staged=_staged_schedule(args, args.staged) if method else None,
+        calibration=_calibration(args) if method else None,
     )
     run = prepare_run(config, overwrite=args.overwrite)
     results = execute(run, progress=not args.no_progress)
     _print_summary(results, args.output)
+    return 0
+
+
+def cmd_stability(args: argparse.Namespace) -> int:
+    from factorlab.stability import StabilityStudy, format_summary, run_study
+
+    if args.task is None:
+        raise _usage("stability needs --task")
+    if args.seeds < 1:
+        raise _usage(f"--seeds must be >= 1, got {args.seeds}")
+    seeds = args.seed_list if args.seed_list else list(range(args.seeds))
+    args.seed = seeds[0]
+    options = _method_options(args)
+    ratio = f"{args.param_ratio:g}"
+    data = f"-frac{args.train_fraction:g}" if args.train_fraction else ""
+    output = args.output or f"runs/stability/{args.task}-{args.method}-{ratio}{data}"
+    study = StabilityStudy(
+        output=output,
+        task=args.task,
+        method=args.method,
+        method_options=options,
+        seeds=seeds,
+        training=_training_config(args),
+        schedule=_staged_schedule(args, True),
+        model=args.model,
+        data_dir=args.data_dir,
+    )
+    summary = run_study(study, progress=not args.no_progress)
+    print(format_summary(summary))
+    print(f"wrote {output}/stability.json and {output}/stability.png")
     return 0
 
 
@@ -170,9 +263,65 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from factorlab.bench.report import collect_results, results_table
+    from factorlab.bench.report import collect_benches, collect_results, results_table, write_report
 
-    print(results_table(collect_results(args.runs)))
+    results = collect_results(args.runs)
+    print(results_table(results, collect_benches(args.runs, results)))
+    print(f"wrote {write_report(args.runs, args.output)} (and its PNG plots)")
+    return 0
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise _usage(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise _usage(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from factorlab.bench.latency import (
+        bench,
+        format_bench,
+        load_for_bench,
+        profile_table,
+        write_json,
+    )
+
+    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    model = load_for_bench(args.model)
+    result = bench(
+        model,
+        batch_sizes,
+        seq_len=args.seq_len,
+        threads=args.threads,
+        runs=args.runs,
+        warmup=args.warmup,
+        memory=not args.no_memory,
+        name=args.model or "embedded:all-MiniLM-L6-v2",
+    )
+    print(format_bench(result))
+    if args.profile:
+        print(f"\ntop operators, batch {max(batch_sizes)}:")
+        print(profile_table(model, max(batch_sizes), args.seq_len, args.threads))
+    if args.json:
+        print(f"wrote {write_json(result, args.json)}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from factorlab.bench.sweep import run_sweep
+
+    output = args.output or str(Path("runs") / Path(args.config).stem)
+    summary = run_sweep(args.config, output, progress=args.progress)
+    print(
+        f"sweep {output}: {len(summary.executed)} runs done, {len(summary.skipped)} cached; "
+        f"`factorlab report {output}` for tables and plots"
+    )
     return 0
 
 
@@ -210,8 +359,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="replace an output folder holding another run"
     )
+    p.add_argument(
+        "--staged",
+        action="store_true",
+        help="factorize block by block, fine-tuning in between (needs --task)",
+    )
+    _add_staged_args(p)
+    _add_calibration_args(p)
     _add_training_args(p)
     p.set_defaults(func=lambda a: cmd_compress(a, a.method))
+
+    p = sub.add_parser(
+        "stability",
+        help="staged vs simultaneous factorization over several seeds: failed runs, mean, std",
+    )
+    p.add_argument("--model", help="HF folder or Hub id; default: the embedded all-MiniLM-L6-v2")
+    p.add_argument("--method", default="low-rank", help="default low-rank")
+    p.add_argument("--param-ratio", type=float, default=0.5, help="fraction KEPT, default 0.5")
+    p.add_argument("--nblocks", type=int, help="blocks per side for block methods")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, default=5, help="run seeds 0..N-1 (default 5)")
+    seeds.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds instead")
+    p.add_argument(
+        "--output", help="study folder (default runs/stability/<task>-<method>-<ratio>[-frac<f>])"
+    )
+    _add_staged_args(p)
+    _add_training_args(p, seed=False)
+    p.set_defaults(func=cmd_stability, target_modules=None, target_regex=None, exclude_modules=None)
 
     p = sub.add_parser("finetune", help="fine-tune a dense model (the baseline)")
     p.add_argument("--model", help="HF folder or Hub id; default: the embedded all-MiniLM-L6-v2")
@@ -232,9 +406,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("report", help="markdown table of every results.json under a folder")
-    p.add_argument("runs", help="folder holding run folders")
+    p = sub.add_parser(
+        "report", help="markdown table of every results.json under a folder, plus plots"
+    )
+    p.add_argument("runs", help="folder holding run folders (e.g. a sweep's output)")
+    p.add_argument("--output", help="where report.md and the PNGs go (default RUNS/report)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "bench", help="latency, throughput, memory, parameters and MACs against the dense model"
+    )
+    p.add_argument(
+        "model", nargs="?", help="checkpoint or HF model folder; default: the embedded MiniLM"
+    )
+    p.add_argument("--batch-sizes", default="1,32", help="comma-separated, default 1,32")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence, default 128")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's current)")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per model, default 20")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first, default 3")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--profile", action="store_true", help="print the top operators too")
+    p.add_argument("--json", help="write the full result (all timings) to this file")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("sweep", help="methods x param_ratios x tasks x seeds from a YAML file")
+    p.add_argument("config", help="sweep YAML (see factorlab.bench.sweep for the schema)")
+    p.add_argument("--output", help="sweep folder (default runs/<config file stem>)")
+    p.add_argument("--progress", action="store_true", help="show training progress bars")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 
@@ -242,8 +441,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``factorlab``; user errors print one paragraph and return exit code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("factorlab").setLevel(logging.INFO)
     if (
         getattr(args, "task", None) is None
+        and getattr(args, "calibration_task", None) is None
         and getattr(args, "data_dir", None)
         and args.command != "evaluate"
     ):

@@ -17,8 +17,9 @@ import torch
 import transformers
 from accelerate import Accelerator
 
+from factorlab.calibration import CalibrationConfig, resolve_calibration, run_calibration
 from factorlab.checkpoint import save
-from factorlab.errors import OutputExistsError
+from factorlab.errors import ConfigError, OutputExistsError
 from factorlab.methods import (
     FactorizationConfig,
     count_parameters,
@@ -27,8 +28,16 @@ from factorlab.methods import (
 )
 from factorlab.models import default_model_path, load_model, load_tokenizer, resolve_model
 from factorlab.targets import select_targets
-from factorlab.tasks import GlueTask, check_task_available, get_task, load_split
-from factorlab.training import EncodedSplit, TrainingConfig, evaluate, seed_everything, train
+from factorlab.tasks import GlueSplit, GlueTask, check_task_available, get_task, load_split
+from factorlab.training import (
+    EncodedSplit,
+    StagedSchedule,
+    TrainingConfig,
+    evaluate,
+    finetune_staged,
+    seed_everything,
+    train,
+)
 
 RESULTS_FILE = "results.json"
 
@@ -45,6 +54,10 @@ class RunConfig:
         method_options: keyword options of the method's config (``param_ratio``, ``nblocks``...).
         training: the fine-tuning recipe (also used for its seed when there is no task).
         output: the run's directory (checkpoint + ``results.json``).
+        staged: factorize in stages with fine-tuning in between (METHODS.md §4; needs a task and
+            a method); ``None``: project everything at once, then fine-tune ("simultaneous").
+        calibration: data for methods that need statistics (fwsvd, act-svd), collected after
+            loading and before factorizing; ``None``: the run's task, if the method needs any.
     """
 
     output: str
@@ -54,15 +67,27 @@ class RunConfig:
     method: str | None = "low-rank"
     method_options: dict[str, Any] = field(default_factory=dict)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    staged: StagedSchedule | None = None
+    calibration: CalibrationConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """What the run computes (not where it is written). Options added later (``staged``,
+        ``training.train_fraction``) appear only when set, so earlier runs' configs still match."""
+        training = asdict(self.training)
+        if training.get("train_fraction") is None:
+            training.pop("train_fraction", None)
+        out = {
             "model": self.model or "embedded:all-MiniLM-L6-v2",
             "task": self.task,
             "method": self.method or "dense",
             "method_options": self.method_options,
-            "training": asdict(self.training),
+            "training": training,
         }
+        if self.staged is not None:
+            out["staged"] = self.staged.to_dict()
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_dict()
+        return out
 
 
 @dataclass
@@ -73,6 +98,7 @@ class PreparedRun:
     model_path: str
     task: GlueTask | None
     factorization: FactorizationConfig | None
+    calibration: CalibrationConfig | None = None
 
 
 def check_output(output: str | Path, config: dict[str, Any], overwrite: bool) -> None:
@@ -112,11 +138,35 @@ def prepare_run(config: RunConfig, overwrite: bool = False) -> PreparedRun:
     """
     factorization = make_config(config.method, **config.method_options) if config.method else None
     task = get_task(config.task) if config.task else None
+    if config.staged is not None and (task is None or factorization is None):
+        raise ConfigError(
+            "staged factorization fine-tunes between stages: it needs a task (--task) and a "
+            "method (not the dense baseline)"
+        )
     if task is not None:
         check_task_available(task, config.data_dir)
     model_path = resolve_model(config.model)
+    calibration = resolve_calibration(
+        config.calibration,
+        config.method,
+        config.task,
+        config.data_dir,
+        model_path,
+        staged=config.staged is not None,
+    )
     check_output(config.output, config.to_dict(), overwrite)
-    return PreparedRun(config, model_path, task, factorization)
+    return PreparedRun(config, model_path, task, factorization, calibration)
+
+
+def training_split(task: GlueTask, data_dir: str | None, training: TrainingConfig) -> GlueSplit:
+    """The training examples a run uses: the train split, or its seeded subset of
+    ``training.train_samples`` examples or ``training.train_fraction`` of them."""
+    split = load_split(task, "train", data_dir)
+    if training.train_samples is not None and training.train_samples < len(split):
+        return split.subset(training.train_samples, seed=training.seed)
+    if training.train_fraction is not None and training.train_fraction < 1:
+        return split.subset(float(training.train_fraction), seed=training.seed)
+    return split
 
 
 def versions() -> dict[str, str]:
@@ -154,9 +204,23 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
     model_before = count_parameters(model)
 
     report = None
-    if run.factorization is not None:
+    staged = config.staged is not None
+    if run.factorization is not None and not staged:
+        statistics = None
+        if run.calibration is not None:
+            start = time.perf_counter()
+            statistics = run_calibration(
+                model,
+                tokenizer,
+                run.factorization,
+                run.calibration,
+                config.data_dir,
+                training.max_seq_length,
+                progress=progress,
+            )
+            timings["calibration"] = time.perf_counter() - start
         start = time.perf_counter()
-        report = factorize_(model, run.factorization)
+        report = factorize_(model, run.factorization, statistics)
         timings["factorize"] = time.perf_counter() - start
         targeted_before, targeted_after = report.targeted_before, report.targeted_after
         log(
@@ -164,7 +228,7 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
             f"{targeted_before:,} -> {targeted_after:,} targeted parameters "
             f"({report.kept_ratio:.3f} kept)"
         )
-    else:
+    elif run.factorization is None:
         targeted_before = sum(
             sum(p.numel() for p in t.module.parameters()) for t in select_targets(model)
         )
@@ -174,9 +238,7 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
     train_info: dict[str, Any] = {}
     if task is not None:
         start = time.perf_counter()
-        train_split = load_split(task, "train", config.data_dir)
-        if training.train_samples is not None and training.train_samples < len(train_split):
-            train_split = train_split.subset(training.train_samples, seed=training.seed)
+        train_split = training_split(task, config.data_dir, training)
         train_data = EncodedSplit(train_split, tokenizer, training.max_seq_length)
         eval_data = {
             split: EncodedSplit(
@@ -185,11 +247,29 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
             for split in task.eval_splits
         }
         timings["data"] = time.perf_counter() - start
-        result = train(
-            model, train_data, tokenizer, training, accelerator=accelerator, progress=progress
-        )
+        if staged:
+            assert run.factorization is not None and config.staged is not None
+            result, report = finetune_staged(
+                model,
+                run.factorization,
+                config.staged,
+                train_data,
+                tokenizer,
+                training,
+                accelerator=accelerator,
+                progress=progress,
+                log=log,
+            )
+            targeted_before, targeted_after = report.targeted_before, report.targeted_after
+            timings["factorize"] = sum(s.factorize_seconds for s in result.stages)
+        else:
+            result = train(
+                model, train_data, tokenizer, training, accelerator=accelerator, progress=progress
+            )
         timings["train"] = result.seconds
         train_info = {"steps": result.steps, "examples": len(train_data), "losses": result.losses}
+        if staged:
+            train_info["stages"] = [s.to_dict() for s in result.stages]
         model = accelerator.unwrap_model(model)
         start = time.perf_counter()
         for i, (split, data) in enumerate(eval_data.items()):
@@ -201,6 +281,7 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
         "method": config.method or "dense",
         "param_ratio": run.factorization.param_ratio if run.factorization else 1.0,
         "seed": training.seed,
+        "schedule": None if run.factorization is None else "staged" if staged else "simultaneous",
         "task": task.name if task else None,
         "model": config.model or f"embedded:all-MiniLM-L6-v2 ({default_model_path()})",
         "parameters": {
@@ -215,6 +296,7 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
         "timings": timings,
         "versions": versions(),
         "factorization": report.to_dict() if report else None,
+        "calibration": run.calibration.to_dict() if run.calibration else None,
         "config": config.to_dict(),
     }
     model.eval()

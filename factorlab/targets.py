@@ -186,3 +186,35 @@ def budget_for(name: str, config: FactorizationConfig) -> ModuleBudget:
                 return ModuleBudget(param_ratio=config.param_ratio, rank=value)
             return ModuleBudget(param_ratio=float(value))
     return ModuleBudget(param_ratio=config.param_ratio)
+
+
+def group_by_block(model: nn.Module, names: Sequence[str]) -> list[list[str]]:
+    """Split module ``names`` into one group per repeated transformer block, in module order.
+
+    The blocks are those of the model's longest ``nn.ModuleList`` of identical blocks (BERT:
+    ``bert.encoder.layer.3.``, GPT-2: ``transformer.h.3.``), so this works for any architecture
+    without code per model. Used by staged factorization (METHODS.md §4) to make one stage per
+    block.
+
+    Args:
+        model: the model the names belong to.
+        names: full module names (as ``select_targets`` returns them).
+
+    Returns:
+        Groups of names, one per block that holds at least one name, ordered from the first
+        (bottom) block to the last, names in module order. A name outside every block forms a
+        group of its own, placed where it appears in module order.
+
+    Raises:
+        TargetError: a name is not a module of ``model``.
+    """
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    unknown = [n for n in names if n not in order]
+    if unknown:
+        raise TargetError(f"{unknown[:5]} are not modules of this model")
+    prefixes = _repeated_block_prefixes(model)
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names, key=order.__getitem__):
+        key = next((p for p in prefixes if name.startswith(p)), name)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())

@@ -19,12 +19,14 @@ from transformers import (
 VOCAB = 100
 
 
-def tiny_bert(num_labels: int = 2, vocab_size: int = VOCAB) -> BertForSequenceClassification:
+def tiny_bert(
+    num_labels: int = 2, vocab_size: int = VOCAB, num_layers: int = 2
+) -> BertForSequenceClassification:
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=vocab_size,
         hidden_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=64,

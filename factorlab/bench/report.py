@@ -1,4 +1,11 @@
-"""Tables of run results: every ``results.json`` under a folder, grouped over seeds."""
+"""Reports of run results: every ``results.json`` under a folder, grouped over seeds.
+
+``results_table`` is the markdown table ``factorlab report`` prints; ``write_report`` writes a
+sweep's full report (``report.md`` and PNG plots: metric vs param_ratio per task, latency ratio vs
+param_ratio against the MAC-ratio ideal when ``bench.json`` files are present, and the SVD
+reconstruction error of the first and last query matrix vs the number of singular values kept,
+as in Gupta et al. 2024 [G24], Fig. 5).
+"""
 
 from __future__ import annotations
 
@@ -41,16 +48,44 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def results_table(results: list[dict[str, Any]]) -> str:
+def method_label(results: dict[str, Any]) -> str:
+    """The method of a run with the options that distinguish its variants: ``low-rank``,
+    ``monarch nblocks=4``, ``low-rank staged`` (``param_ratio`` is shown separately)."""
+    config = results.get("config") or {}
+    options = {k: v for k, v in (config.get("method_options") or {}).items() if k != "param_ratio"}
+    parts = [results["method"]]
+    parts += [
+        f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}"
+        for k, v in sorted(options.items())
+    ]
+    if config.get("staged"):
+        parts.append("staged")
+    return " ".join(parts)
+
+
+def _group_key(r: dict[str, Any]) -> tuple[str, str, float]:
+    return (r["task"] or "-", method_label(r), r["param_ratio"])
+
+
+def _order(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    task, method, ratio = key
+    return (task, method != "dense", method, -ratio)
+
+
+def results_table(
+    results: list[dict[str, Any]], benches: dict[tuple[str, float], dict[str, Any]] | None = None
+) -> str:
     """A markdown table, one row per (task, method, param_ratio), metrics as mean ± std over seeds.
 
-    Columns: task, method, param_ratio, the task's main metric in percent (and every other
-    metric), number of seeds, targeted and whole-model parameters after compression, fraction of
-    the model's parameters kept, and training time in seconds (mean over seeds).
+    Columns: task, method (with the options that tell variants apart), param_ratio, the task's
+    main metric in percent (and every other metric), number of seeds, targeted and whole-model
+    parameters after compression, fraction of the model's parameters kept, and training time in
+    seconds (mean over seeds). With ``benches`` (``{(method label, param_ratio): bench result}``,
+    see ``collect_benches``) a last column gives the latency ratio to dense per batch size.
     """
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for r in results:
-        groups[(r["task"] or "-", r["method"], r["param_ratio"])].append(r)
+        groups[_group_key(r)].append(r)
     columns = [
         "task",
         "method",
@@ -62,13 +97,11 @@ def results_table(results: list[dict[str, Any]]) -> str:
         "model kept",
         "train s",
     ]
+    if benches:
+        columns.append("latency x dense")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
-    def order(key: tuple[Any, ...]) -> tuple[Any, ...]:
-        task, method, ratio = key
-        return (task, method != "dense", method, -ratio)
-
-    for key in sorted(groups, key=order):
+    for key in sorted(groups, key=_order):
         task, method, ratio = key
         runs = groups[key]
         main = runs[0].get("main_metric")
@@ -89,5 +122,342 @@ def results_table(results: list[dict[str, Any]]) -> str:
             f"{p['model_after'] / p['model_before']:.3f}",
             f"{statistics.mean(train):.0f}" if train else "-",
         ]
+        if benches:
+            cells.append(_latency_cell(benches.get((method, ratio)), method))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _latency_cell(bench: dict[str, Any] | None, method: str) -> str:
+    if bench is None:
+        return "1 (dense)" if method == "dense" else "-"
+    return ", ".join(f"b{b['batch_size']} {b['latency_ratio']:.2f}" for b in bench["batches"])
+
+
+def collect_benches(
+    root: str | os.PathLike, results: list[dict[str, Any]]
+) -> dict[tuple[str, float], dict[str, Any]]:
+    """Benchmark results (``factorlab bench --json``) that belong to the runs in ``results``.
+
+    A run's own ``bench.json``, or any ``bench*.json`` directly in ``root`` whose ``model`` is a
+    run's folder, counts for the run's (method label, param_ratio); one benchmark per pair is
+    enough (latency does not depend on the task or seed). Unreadable files are skipped.
+
+    Returns:
+        ``{(method label, param_ratio): bench result}``.
+    """
+    by_path = {str(Path(r["path"]).resolve()): r for r in results}
+    found: dict[tuple[str, float], dict[str, Any]] = {}
+    candidates = [Path(r["path"]) / "bench.json" for r in results]
+    candidates += sorted(Path(root).glob("bench*.json"))
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            bench = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        model = bench.get("model")
+        run = by_path.get(str(Path(model).resolve())) if model else None
+        if run is None and path.parent.resolve() != Path(root).resolve():
+            run = by_path.get(str(path.parent.resolve()))
+        if run is None or "batches" not in bench:
+            continue
+        found.setdefault((method_label(run), run["param_ratio"]), bench)
+    return found
+
+
+def latency_table(benches: dict[tuple[str, float], dict[str, Any]]) -> str:
+    """Markdown table of the benchmarks: one row per (method, param_ratio, batch size) with
+    latency ratio (median; p10-p90 of the model in ms), MAC ratio of the whole model and of the
+    factorized layers (the ideal), parameter ratio, peak-memory ratio and throughput."""
+    columns = [
+        "method",
+        "param_ratio",
+        "batch",
+        "latency x",
+        "median ms (p10-p90)",
+        "dense ms",
+        "MAC x model",
+        "MAC x layers",
+        "params x",
+        "memory x",
+        "seq/s",
+        "threads",
+    ]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for (method, ratio), bench in sorted(benches.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        for b in bench["batches"]:
+            m = b["model"]
+            mem = b.get("memory_ratio")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        method,
+                        f"{ratio:g}",
+                        str(b["batch_size"]),
+                        f"{b['latency_ratio']:.3f}",
+                        f"{1e3 * m['median_s']:.1f} "
+                        f"({1e3 * m['p10_s']:.1f}-{1e3 * m['p90_s']:.1f})",
+                        f"{1e3 * b['dense']['median_s']:.1f}",
+                        f"{bench['macs']['ratio']:.3f}",
+                        f"{bench['macs']['factorized_ratio']:.3f}",
+                        f"{bench['parameters']['ratio']:.3f}",
+                        "-" if mem is None else f"{mem:.3f}",
+                        f"{m['throughput_seq_per_s']:.1f}",
+                        str(bench.get("threads", "-")),
+                    ]
+                )
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def _main_metric_values(runs: list[dict[str, Any]]) -> tuple[str, list[float]] | None:
+    name = runs[0].get("main_metric")
+    if not name:
+        return None
+    values = [100 * r["metrics"][name] for r in runs if name in r.get("metrics", {})]
+    return (name, values) if values else None
+
+
+def _new_figure(width: float = 6.0, height: float = 4.0) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_metric_vs_ratio(results: list[dict[str, Any]], path: str | os.PathLike) -> list[Path]:
+    """One PNG per task: main metric (percent, mean ± std over seeds) vs param_ratio, one line
+    per method, the dense baseline as a horizontal line. Files ``<path>/metric_<task>.png``;
+    returns the paths written (tasks without metrics are skipped)."""
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        if r.get("task"):
+            groups[_group_key(r)].append(r)
+    written = []
+    for task in sorted({k[0] for k in groups}):
+        fig = _new_figure()
+        ax = fig.add_subplot()
+        metric_name = None
+        methods = sorted({k[1] for k in groups if k[0] == task})
+        for method in methods:
+            points = []
+            for (t, m, ratio), runs in groups.items():
+                got = _main_metric_values(runs) if (t, m) == (task, method) else None
+                if got:
+                    metric_name = got[0]
+                    values = got[1]
+                    std = statistics.stdev(values) if len(values) > 1 else 0.0
+                    points.append((ratio, statistics.mean(values), std))
+            if not points:
+                continue
+            points.sort()
+            if method == "dense":
+                _, mean, std = points[0]
+                ax.axhline(mean, color="black", linestyle="--", label=f"dense {mean:.1f}")
+                if std:
+                    ax.axhspan(mean - std, mean + std, color="black", alpha=0.1)
+                continue
+            xs, ys, es = zip(*points, strict=True)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+        if metric_name is None:
+            continue
+        ax.set_xlabel("param_ratio (fraction of targeted parameters kept)")
+        ax.set_ylabel(f"{metric_name} (%)")
+        ax.set_title(f"{task}: {metric_name} vs parameters kept")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        out = Path(path) / f"metric_{task}.png"
+        fig.savefig(out)
+        written.append(out)
+    return written
+
+
+def plot_latency_vs_ratio(
+    benches: dict[tuple[str, float], dict[str, Any]], path: str | os.PathLike
+) -> Path | None:
+    """PNG ``latency.png``: latency ratio to dense vs param_ratio, one line per (method, batch
+    size), with the MAC ratio of the whole model (dashed) and of the factorized layers (dotted):
+    the ideal if latency followed MACs. Returns ``None`` without benchmarks."""
+    if not benches:
+        return None
+    fig = _new_figure(6.5, 4.5)
+    ax = fig.add_subplot()
+    by_method: dict[str, list[tuple[float, dict[str, Any]]]] = defaultdict(list)
+    for (method, ratio), bench in benches.items():
+        if method != "dense":
+            by_method[method].append((ratio, bench))
+    for method, items in sorted(by_method.items()):
+        items.sort(key=lambda x: x[0])
+        xs = [r for r, _ in items]
+        color = None
+        for i, b in enumerate(items[0][1]["batches"]):
+            ys = [bench["batches"][i]["latency_ratio"] for _, bench in items]
+            line = ax.plot(xs, ys, marker="o", label=f"{method}, batch {b['batch_size']}")[0]
+            color = color or line.get_color()
+        ax.plot(xs, [b["macs"]["ratio"] for _, b in items], "--", color=color,
+                label=f"{method}: MAC x model")  # fmt: skip
+        ax.plot(
+            xs,
+            [b["macs"]["factorized_ratio"] for _, b in items],
+            ":",
+            color=color,
+            label=f"{method}: MAC x factorized layers",
+        )
+    ax.axhline(1.0, color="gray", linewidth=0.8, label="dense")
+    ax.set_xlabel("param_ratio (fraction of targeted parameters kept)")
+    ax.set_ylabel("latency / dense latency")
+    ax.set_title("latency vs dense (below 1: faster); dashed/dotted: MAC ratio")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(path) / "latency.png"
+    fig.savefig(out)
+    return out
+
+
+def query_matrices(model: Any) -> list[tuple[str, Any]]:
+    """``[(name, weight (out, in))]`` of the attention query projections of ``model`` in module
+    order (modules named ``query``, ``q_lin`` or ``q_proj``)."""
+    found = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("query", "q_lin", "q_proj") and hasattr(module, "weight"):
+            found.append((name, module.weight.detach()))
+    return found
+
+
+def reconstruction_error_curve(weight: Any) -> list[float]:
+    """Relative Frobenius error ``||W - W_k|| / ||W||`` of the best rank-``k`` approximation for
+    ``k = 0 .. min(m, n)``: ``sqrt(sum_{i > k} s_i^2 / sum_i s_i^2)`` (Eckart-Young), in float64."""
+    import torch
+
+    s = torch.linalg.svdvals(weight.double())
+    energy = s.square()
+    tail = energy.flip(0).cumsum(0).flip(0)  # tail[k] = sum_{i >= k} s_i^2
+    total = energy.sum()
+    errors = (tail / total).sqrt().tolist()
+    return [*errors, 0.0]
+
+
+def plot_reconstruction_error(
+    model: Any, path: str | os.PathLike, param_ratios: list[float] | None = None
+) -> Path | None:
+    """PNG ``reconstruction_error.png``: relative reconstruction error vs number of singular
+    values kept for the first and last query matrix of ``model`` (Gupta et al. 2024, Fig. 5),
+    with the ranks of ``param_ratios`` marked. Returns ``None`` if the model has no query
+    projection."""
+    from factorlab.projections.svd import rank_for_param_ratio
+
+    queries = query_matrices(model)
+    if not queries:
+        return None
+    chosen = [queries[0]] if len(queries) == 1 else [queries[0], queries[-1]]
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for name, weight in chosen:
+        errors = reconstruction_error_curve(weight)
+        ax.plot(range(len(errors)), errors, label=name)
+    m, n = chosen[0][1].shape
+    for ratio in sorted(set(param_ratios or [])):
+        if ratio < 1:
+            rank = rank_for_param_ratio(m, n, ratio)
+            ax.axvline(rank, color="gray", linestyle=":", linewidth=1)
+            ax.text(rank, 0.98, f" p={ratio:g}", fontsize=7, va="top", color="gray")
+    ax.set_xlabel("singular values kept (rank)")
+    ax.set_ylabel("relative error ||W - W_k||_F / ||W||_F")
+    ax.set_ylim(0, 1.0)
+    ax.set_title("SVD reconstruction error of query matrices")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path) / "reconstruction_error.png"
+    fig.savefig(out)
+    return out
+
+
+def _pretrained_model(results: list[dict[str, Any]]) -> Any:
+    from factorlab.checkpoint import is_checkpoint, load
+    from factorlab.models import default_model_path, load_model
+
+    name = (results[0].get("config") or {}).get("model") or ""
+    path = default_model_path() if name.startswith("embedded:") or not name else name
+    return load(path) if is_checkpoint(path) else load_model(path)
+
+
+def write_report(root: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
+    """Write ``report.md`` and its PNG plots for every run under ``root``.
+
+    ``report.md`` holds the results table (``results_table``, with latency ratios when benchmarks
+    exist), the latency table (``latency_table``) and the plots: ``metric_<task>.png`` per task,
+    ``latency.png`` (with benchmarks) and ``reconstruction_error.png`` (from the pretrained
+    model named in the runs' config; skipped with a note if it cannot be loaded).
+
+    Args:
+        root: a sweep folder or any folder holding run folders.
+        output: where to write; default ``root/report``.
+
+    Returns:
+        The path of ``report.md``.
+
+    Raises:
+        DataError: ``root`` holds no ``results.json``.
+    """
+    from factorlab.errors import FactorlabError
+
+    results = collect_results(root)
+    out = Path(output) if output is not None else Path(root) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    benches = collect_benches(root, results)
+    lines = [f"# factorlab report: {root}", "", f"{len(results)} runs.", ""]
+    lines += ["## Results", "", results_table(results, benches), ""]
+    lines += ["Metrics: mean ± std over seeds, in percent.", ""]
+    if benches:
+        lines += ["## Latency against dense", "", latency_table(benches), ""]
+        first = next(iter(benches.values()))
+        lines += [
+            f"Latency: median of {first.get('runs', '?')} runs, float32, "
+            f"{first.get('threads', '?')} threads, sequence length {first.get('seq_len', '?')}, "
+            "interleaved with the dense model in the same process. MAC x model: MACs of the "
+            "whole forward pass (linear layers and attention matmuls) over dense; MAC x layers: "
+            "of the factorized layers alone, the ideal a latency ratio could reach if only "
+            "those layers counted.",
+            "",
+        ]
+    else:
+        lines += [
+            "No benchmark found: run `factorlab bench RUN_DIR --json RUN_DIR/bench.json` (or add "
+            "`bench:` to the sweep file) for latency ratios.",
+            "",
+        ]
+    lines += ["## Plots", ""]
+    for png in plot_metric_vs_ratio(results, out):
+        lines += [f"![{png.stem}]({png.name})", ""]
+    latency_png = plot_latency_vs_ratio(benches, out)
+    if latency_png is not None:
+        lines += [f"![latency]({latency_png.name})", ""]
+    ratios = sorted({r["param_ratio"] for r in results if r["param_ratio"] < 1})
+    try:
+        model = _pretrained_model(results)
+    except (FactorlabError, OSError, ValueError) as exc:
+        model = None
+        lines += [f"(No reconstruction-error plot: the pretrained model did not load: {exc})", ""]
+    if model is not None:
+        png = plot_reconstruction_error(model, out, ratios)
+        if png is not None:
+            lines += [
+                f"![reconstruction error]({png.name})",
+                "",
+                "Relative SVD reconstruction error of the first and last query matrix of the "
+                "pretrained model vs the number of singular values kept (Gupta et al. 2024, "
+                "Fig. 5); dotted lines: the ranks of the sweep's param_ratios.",
+                "",
+            ]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report

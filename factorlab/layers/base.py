@@ -10,6 +10,7 @@ from torch import nn
 from factorlab.errors import CheckpointError
 
 LAYER_TYPES: dict[str, type[FactorizedLinear]] = {}
+SHARED_MODULE_TYPES: dict[str, type[nn.Module]] = {}
 
 
 def register_layer(cls: type[FactorizedLinear]) -> type[FactorizedLinear]:
@@ -18,6 +19,39 @@ def register_layer(cls: type[FactorizedLinear]) -> type[FactorizedLinear]:
         raise RuntimeError(f"layer kind {cls.kind!r} registered twice")
     LAYER_TYPES[cls.kind] = cls
     return cls
+
+
+def register_shared_module(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator for a module several layers may share (e.g. one decoder for a group).
+
+    The class needs a ``kind`` string, ``spec() -> dict`` (JSON) and ``from_spec(spec)`` building an
+    uninitialized module of the same shapes. A checkpoint stores every shared module's spec once,
+    under ``"shared_modules"``, and its tensors once; loading rebuilds one instance per name and
+    hands it to every layer that names it (see ``FactorizedLinear.shared_args``).
+    """
+    kind = cls.kind  # type: ignore[attr-defined]
+    if kind in SHARED_MODULE_TYPES:
+        raise RuntimeError(f"shared module kind {kind!r} registered twice")
+    SHARED_MODULE_TYPES[kind] = cls
+    return cls
+
+
+def build_shared_module(spec: dict[str, Any]) -> nn.Module:
+    """An uninitialized shared module from its spec (``{"kind": ..., **constructor args}``).
+
+    Raises:
+        CheckpointError: unknown kind, or a spec that does not fit it.
+    """
+    kind = spec.get("kind")
+    if kind not in SHARED_MODULE_TYPES:
+        raise CheckpointError(
+            f"unknown shared module kind {kind!r}; this factorlab knows "
+            f"{sorted(SHARED_MODULE_TYPES)}. The checkpoint was written by a newer factorlab."
+        )
+    try:
+        return SHARED_MODULE_TYPES[kind].from_spec(spec)  # type: ignore[attr-defined]
+    except TypeError as exc:
+        raise CheckpointError(f"spec {spec} does not fit shared module {kind!r}: {exc}") from exc
 
 
 class FactorizedLinear(nn.Module):
@@ -34,6 +68,10 @@ class FactorizedLinear(nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    shared_args: ClassVar[tuple[str, ...]] = ()
+    """Constructor arguments that are shared modules. For each ``arg`` the constructor takes the
+    module as ``arg`` and its name as ``arg + "_name"`` and keeps both as attributes; the spec
+    holds the name under ``arg``, an entry of the checkpoint's ``"shared_modules"``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, source: str = "linear"):
         super().__init__()
@@ -65,12 +103,22 @@ class FactorizedLinear(nn.Module):
             **self._spec_extra(),
         }
 
+    def shared_modules(self) -> dict[str, nn.Module]:
+        """``{name: module}`` of the shared modules this layer uses (``shared_args``)."""
+        return {getattr(self, f"{arg}_name"): getattr(self, arg) for arg in self.shared_args}
+
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> FactorizedLinear:
+    def from_spec(
+        cls, spec: dict[str, Any], shared_modules: dict[str, nn.Module] | None = None
+    ) -> FactorizedLinear:
         """Build an uninitialized layer (zero factors) of the kind and shapes in ``spec``.
 
+        ``shared_modules`` maps the names in the spec's ``shared_args`` entries to module
+        instances (one instance per name, so layers naming it share it).
+
         Raises:
-            CheckpointError: the kind is unknown or the spec lacks a constructor argument.
+            CheckpointError: the kind is unknown, the spec lacks a constructor argument, or names
+                a shared module that is not given.
         """
         kind = spec.get("kind")
         if kind not in LAYER_TYPES:
@@ -81,6 +129,15 @@ class FactorizedLinear(nn.Module):
             )
         layer_cls = LAYER_TYPES[kind]
         kwargs = {k: v for k, v in spec.items() if k != "kind"}
+        for arg in layer_cls.shared_args:
+            name = kwargs.get(arg)
+            if name not in (shared_modules or {}):
+                raise CheckpointError(
+                    f"layer spec {spec} names shared module {name!r}, which the checkpoint's "
+                    "shared_modules section lacks; the checkpoint is damaged"
+                )
+            kwargs[arg] = shared_modules[name]  # type: ignore[index]
+            kwargs[f"{arg}_name"] = name
         try:
             return layer_cls(**kwargs)
         except TypeError as exc:
@@ -94,6 +151,22 @@ class FactorizedLinear(nn.Module):
         """Parameters of the dense layer it replaces: ``out * in`` plus the bias."""
         bias = self.out_features if self.bias is not None else 0
         return self.in_features * self.out_features + bias
+
+    def macs_per_token(self) -> int:
+        """Multiply-accumulates of one forward per input row (token), the bias add not counted.
+
+        Default: the number of stored factor values (parameters without the bias), which is the
+        cost of layers that use every factor value once per token in a chain of (batched)
+        matmuls: low-rank ``r (m + n)``, Monarch and block low-rank (padding included). Layers
+        that reuse, share or skip values (sparse, decoded or shared factors) override it. The
+        dense layer it replaces costs ``in_features * out_features`` (``dense_macs_per_token``).
+        """
+        bias = self.bias.numel() if self.bias is not None else 0
+        return self.num_parameters() - bias
+
+    def dense_macs_per_token(self) -> int:
+        """Multiply-accumulates per token of the dense layer it replaces: ``out * in``."""
+        return self.in_features * self.out_features
 
     def extra_repr(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self._spec_extra().items())

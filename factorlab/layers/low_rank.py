@@ -17,7 +17,16 @@ class LowRankLinear(FactorizedLinear):
 
     Factors: ``A`` of shape ``(out_features, rank)`` and ``B`` of shape ``(rank, in_features)``;
     ``rank * (in_features + out_features)`` parameters plus the bias. The forward pass is two
-    matmuls, the second fused with the bias (``addmm``), and never forms the dense weight.
+    matmuls, the second fused with the bias (``F.linear`` folds the leading dimensions into one
+    ``addmm``), and never forms the dense weight: ``rank * (in + out)`` MACs per token.
+
+    Memory layout: ``A`` and ``B`` keep their shapes and names (checkpoints are unchanged) but are
+    stored transposed in memory (``A`` is the transpose of a contiguous ``(rank, out)`` array,
+    ``B`` of an ``(in, rank)`` one), so both matmuls read their right-hand operand row-major
+    ("NN" GEMM). On CPU (MKL, fp32, 1 thread) the layer measured 8-18% faster than with
+    contiguous factors at 128 tokens and about 5-10% at 4096 tokens (MiniLM shapes; see
+    ``benchmarks/bench_lowrank_speed.py``). Replacing ``A.data`` by a contiguous tensor stays
+    correct, only slower.
     """
 
     kind = "low_rank"
@@ -34,8 +43,8 @@ class LowRankLinear(FactorizedLinear):
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         self.rank = rank
-        self.A = nn.Parameter(torch.zeros(out_features, rank))
-        self.B = nn.Parameter(torch.zeros(rank, in_features))
+        self.A = nn.Parameter(torch.zeros(rank, out_features).t())  # (out, rank), "NN" layout
+        self.B = nn.Parameter(torch.zeros(in_features, rank).t())  # (rank, in), "NN" layout
 
     @classmethod
     def from_factors(
@@ -63,6 +72,10 @@ class LowRankLinear(FactorizedLinear):
 
     def to_dense(self) -> torch.Tensor:
         return self.A @ self.B
+
+    def macs_per_token(self) -> int:
+        """``rank * (in_features + out_features)``: the two matmuls of the forward pass."""
+        return self.rank * (self.in_features + self.out_features)
 
     def _spec_extra(self) -> dict[str, Any]:
         return {"rank": self.rank}

@@ -1,5 +1,6 @@
 """Factorization methods: a config dataclass per method, a registry, and ``factorize_``."""
 
+from factorlab.methods.act_svd import ActSVDConfig
 from factorlab.methods.apply import (
     FactorizationReport,
     ModuleReport,
@@ -7,10 +8,15 @@ from factorlab.methods.apply import (
     factorize_,
     factorized_modules,
 )
+from factorlab.methods.autoencoder import AutoencoderConfig
+from factorlab.methods.block_low_rank import BlockLowRankConfig
 from factorlab.methods.config import FactorizationConfig
+from factorlab.methods.fwsvd import FWSVDConfig
 from factorlab.methods.low_rank import LowRankConfig
+from factorlab.methods.monarch import MonarchConfig
 from factorlab.methods.registry import (
     METHODS,
+    GroupMember,
     Method,
     ModuleBudget,
     Projected,
@@ -21,12 +27,14 @@ from factorlab.methods.registry import (
 
 __all__ = [
     "METHODS",
+    "BlockLowRankConfig",
     "FactorizationConfig",
     "FactorizationReport",
     "LowRankConfig",
     "Method",
     "ModuleBudget",
     "ModuleReport",
+    "MonarchConfig",
     "Projected",
     "count_parameters",
     "factorize_",
@@ -35,3 +43,4 @@ __all__ = [
     "make_config",
     "register_method",
 ]
+__all__ += ["ActSVDConfig", "AutoencoderConfig", "FWSVDConfig", "GroupMember"]

@@ -10,7 +10,7 @@ from torch import nn
 
 from factorlab.layers.base import FactorizedLinear
 from factorlab.methods.config import FactorizationConfig
-from factorlab.methods.registry import get_method
+from factorlab.methods.registry import GroupMember, Projected, get_method
 from factorlab.targets import budget_for, select_targets
 
 
@@ -104,6 +104,8 @@ def factorize_(
     budget raises before the model is touched. Then each module is projected (on its own device,
     in float64 where the projection needs it) and swapped for the method's layer, which keeps the
     original bias and dtype. Modules whose factorized form would not be smaller stay dense.
+    A method with a ``build_group`` (one that fits several modules jointly, e.g. a shared
+    decoder) gets all planned modules in one call before any module is swapped.
 
     Args:
         model: any model whose targets are ``nn.Linear`` or GPT-2 ``Conv1D``.
@@ -119,7 +121,8 @@ def factorize_(
     """
     method = get_method(config)
     targets = select_targets(model, config.target_modules, config.exclude_modules)
-    plans = [method.plan(*t.shape, budget_for(t.name, config), config) for t in targets]
+    budgets = [budget_for(t.name, config) for t in targets]
+    plans = [method.plan(*t.shape, b, config) for t, b in zip(targets, budgets, strict=True)]
     if method.needs_calibration:
         missing = [t.name for t in targets if calibration is None or t.name not in calibration]
         if missing:
@@ -130,20 +133,41 @@ def factorize_(
                 "Collect them with factorlab.calibration first."
             )
 
+    grouped: dict[str, Projected] | None = None
+    if method.build_group is not None:
+        members = [
+            GroupMember(
+                t.name,
+                t.weight,
+                t.module.bias,
+                budget,
+                rank,
+                calibration.get(t.name) if calibration else None,
+            )
+            for t, budget, rank in zip(targets, budgets, plans, strict=True)
+            if rank is not None
+        ]
+        grouped = method.build_group(members, config) if members else {}
+
     report = FactorizationReport(method.name, config.to_dict())
     for target, rank in zip(targets, plans, strict=True):
         module = target.module
         bias = module.bias
         before = sum(p.numel() for p in module.parameters())
         m, n = target.shape
+        if grouped is not None and target.name not in grouped:
+            rank = None
         if rank is None:
             report.modules.append(
                 ModuleReport(target.name, m, n, "dense", None, before, before, 0.0)
             )
             continue
         weight = target.weight
-        stats = calibration.get(target.name) if calibration else None
-        projected = method.build(weight, bias, rank, config, stats)
+        if grouped is not None:
+            projected = grouped[target.name]
+        else:
+            stats = calibration.get(target.name) if calibration else None
+            projected = method.build(weight, bias, rank, config, stats)
         layer: FactorizedLinear = projected.layer.to(device=weight.device, dtype=weight.dtype)
         layer.source = target.source
         layer.train(module.training)
@@ -154,9 +178,9 @@ def factorize_(
                 m,
                 n,
                 layer.kind,
-                rank,
+                rank if projected.rank is None else projected.rank,
                 before,
-                layer.num_parameters(),
+                layer.num_parameters() if projected.params is None else projected.params,
                 projected.rel_error,
             )
         )

@@ -27,14 +27,33 @@ class ModuleBudget:
 
 @dataclass(frozen=True)
 class Projected:
-    """What a method's ``build`` returns: the new layer and its relative Frobenius error."""
+    """What a method's ``build`` returns: the new layer and its relative Frobenius error.
+
+    ``rank`` and ``params``, when given, replace the planned rank and ``layer.num_parameters()``
+    in the report (a layer sharing a module with others reports its fair share of it)."""
 
     layer: FactorizedLinear
     rel_error: float
+    rank: int | None = None
+    params: int | None = None
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    """One module handed to a method's ``build_group``: name, weight ``(out, in)``, bias
+    ``(out,)`` or ``None``, its budget, its planned rank and its calibration statistics."""
+
+    name: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    budget: ModuleBudget
+    rank: int
+    stats: Any = None
 
 
 PlanFn = Callable[[int, int, ModuleBudget, Any], "int | None"]
 BuildFn = Callable[[torch.Tensor, "torch.Tensor | None", int, Any, Any], Projected]
+GroupBuildFn = Callable[[list[GroupMember], Any], "dict[str, Projected]"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +69,12 @@ class Method:
         build: ``(weight (out, in), bias (out,) | None, rank, config, statistics) -> Projected``.
             ``statistics`` is the module's calibration statistics, or ``None``.
         needs_calibration: whether ``build`` requires statistics.
+        statistics: which calibration statistics ``build`` reads (``"fisher"``, ``"gram"``: fields
+            of ``factorlab.calibration.ModuleStatistics``), so callers collect only those.
+        build_group: for methods that fit several modules jointly (a shared decoder):
+            ``(members, config) -> {name: Projected}`` over every module that ``plan`` did not
+            leave dense; a module missing from the result stays dense. When set, ``factorize_``
+            calls it once instead of ``build`` per module.
     """
 
     name: str
@@ -57,6 +82,8 @@ class Method:
     plan: PlanFn
     build: BuildFn
     needs_calibration: bool = False
+    statistics: tuple[str, ...] = ()
+    build_group: GroupBuildFn | None = None
 
 
 METHODS: dict[str, Method] = {}

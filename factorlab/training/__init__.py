@@ -1,4 +1,4 @@
-"""Fine-tuning on accelerate, evaluation, and (later) schedules."""
+"""Fine-tuning on accelerate, evaluation, and schedules (staged factorization)."""
 
 from factorlab.training.data import EncodedSplit, make_loader
 from factorlab.training.finetune import (
@@ -10,15 +10,29 @@ from factorlab.training.finetune import (
     seed_everything,
     train,
 )
+from factorlab.training.staged import (
+    StagedSchedule,
+    StagedTrainResult,
+    StageInfo,
+    finetune_staged,
+    plan_stages,
+    split_steps,
+)
 
 __all__ = [
     "EncodedSplit",
+    "StageInfo",
+    "StagedSchedule",
+    "StagedTrainResult",
     "TrainResult",
     "TrainingConfig",
     "evaluate",
+    "finetune_staged",
     "make_loader",
     "make_optimizer",
+    "plan_stages",
     "predict",
     "seed_everything",
+    "split_steps",
     "train",
 ]

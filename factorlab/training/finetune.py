@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,6 +21,8 @@ from transformers import get_linear_schedule_with_warmup
 from factorlab.errors import ConfigError
 from factorlab.tasks import compute_metrics
 from factorlab.training.data import EncodedSplit, make_loader
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +41,8 @@ class TrainingConfig:
         max_grad_norm: gradient clipping threshold (L2 norm); 0 disables it.
         seed: seeds the head initialization, the data order and dropout.
         train_samples: train on a random subset of this many examples (``None``: all).
+        train_fraction: train on a random subset of this fraction of the examples, in (0, 1]
+            (``None``: all); excludes ``train_samples``. The subset is drawn with ``seed``.
     """
 
     learning_rate: float = 1e-4
@@ -50,6 +56,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     train_samples: int | None = None
+    train_fraction: float | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,6 +67,14 @@ class TrainingConfig:
             (self.max_seq_length >= 8, "max_seq_length must be >= 8"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.train_samples is None or self.train_samples >= 1, "train_samples must be >= 1"),
+            (
+                self.train_fraction is None or 0 < self.train_fraction <= 1,
+                "train_fraction must be in (0, 1]",
+            ),
+            (
+                self.train_samples is None or self.train_fraction is None,
+                "train_samples and train_fraction exclude each other; give one",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -110,12 +125,19 @@ def train(
     accelerator: Accelerator | None = None,
     progress: bool = True,
     description: str = "train",
+    skip_steps: int = 0,
+    optimizer_hook: Callable[[torch.optim.Optimizer], None] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` on ``dataset`` for ``num_steps`` (default ``config.num_steps``).
 
     A fresh AdamW optimizer and linear warm-up/decay schedule are built over the model's current
     parameters at every call, so a caller that replaced modules in between never trains stale
     tensors. The data order is seeded with ``config.seed``; runs repeat exactly on CPU.
+
+    ``skip_steps`` starts the data stream where a run of that many steps would have left it (the
+    batches of those steps are drawn and dropped), so several calls together see exactly the
+    batches of one long call. ``optimizer_hook`` is called once with the prepared optimizer before
+    the first step (to inspect its parameters or register step hooks).
     """
     accelerator = accelerator or Accelerator()
     steps = num_steps if num_steps is not None else config.num_steps(len(dataset))
@@ -123,6 +145,8 @@ def train(
     optimizer = make_optimizer(model, config)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
     model_p, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if optimizer_hook is not None:
+        optimizer_hook(optimizer)
     model_p.train()
     losses: list[float] = []
     running, count, step = 0.0, 0, 0
@@ -136,6 +160,9 @@ def train(
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         for batch in loader:
+            if skip_steps > 0:
+                skip_steps -= 1
+                continue
             loss = model_p(**batch).loss
             accelerator.backward(loss)
             if config.max_grad_norm > 0:
@@ -150,6 +177,11 @@ def train(
             if step % log_every == 0 or step == steps:
                 losses.append(running / count)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if not progress and accelerator.is_main_process and step % (2 * log_every) == 0:
+                    elapsed = time.perf_counter() - start
+                    logger.info(
+                        f"{description}: step {step}/{steps} loss {losses[-1]:.4f} {elapsed:.0f} s"
+                    )
                 running, count = 0.0, 0
             if step >= steps:
                 break

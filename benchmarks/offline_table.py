@@ -1,0 +1,195 @@
+"""Offline compression without fine-tuning: how much of the dense dev score each method keeps.
+
+Starting from dense MiniLM checkpoints fine-tuned on each task (``factorlab finetune ...
+--output RUNS/<task>-dense``, as ``benchmarks/core_glue.sh`` makes them), every method compresses
+the fine-tuned weights at each ``param_ratio`` with NO further fine-tuning, and the result is
+evaluated on the task's dev set (METHODS.md §5, §6, §9). Calibration statistics (Fisher and Gram)
+are collected once per task on a seeded subset of its training split, with the dense model and
+its task head, and shared by fwsvd and act-svd.
+
+Usage (from the repository root; GLUE_DIR defaults to ../shared/data/glue):
+
+    python benchmarks/offline_table.py --tasks rte mrpc sst2 --ratios 0.5 0.25
+    python benchmarks/offline_table.py --tasks cola stsb --make-dense       # fine-tunes them first
+    python benchmarks/offline_table.py --tasks rte --dense rte=/tmp/rte-dense-small --ratios 0.5
+
+It prints a markdown table (one row per task, ratio and method: dev score, the fraction of the
+dense score kept, parameters kept, mean relative weight error, seconds to compress) and writes the
+same as JSON (``--json``, default ``RUNS/offline_table.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from factorlab.calibration import calibration_loader, collect_statistics
+from factorlab.checkpoint import load
+from factorlab.methods import count_parameters, factorize_, make_config
+from factorlab.models import load_tokenizer
+from factorlab.tasks import get_task, load_split
+from factorlab.training import EncodedSplit, evaluate
+
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "low-rank": ("low-rank", {}),
+    "fwsvd-out": ("fwsvd", {"fisher_axis": "out"}),
+    "fwsvd-in": ("fwsvd", {"fisher_axis": "in"}),
+    "act-svd": ("act-svd", {}),
+    "autoencoder": ("autoencoder", {}),
+}
+"""Table row name -> (registered method, options beyond param_ratio)."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default="runs/core", help="folder of <task>-dense checkpoints")
+    p.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "rte"])
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.25])
+    p.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--dense", nargs="*", default=[], help="TASK=PATH: use this dense checkpoint")
+    p.add_argument(
+        "--make-dense",
+        action="store_true",
+        help="fine-tune missing dense checkpoints (core_glue.sh's recipe: 3 epochs, seed 42)",
+    )
+    p.add_argument("--data-dir", default=os.environ.get("GLUE_DIR", "../shared/data/glue"))
+    p.add_argument("--calibration-samples", type=int, default=512)
+    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--ae-epochs", type=int, help="autoencoder epochs (default: the config's)")
+    p.add_argument("--act-eps", type=float, help="act-svd damping (default: the config's)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", help="write the rows here (default RUNS/offline_table.json)")
+    return p.parse_args(argv)
+
+
+def dense_path(task: str, args: argparse.Namespace) -> Path | None:
+    overrides = dict(item.split("=", 1) for item in args.dense)
+    path = Path(overrides.get(task, Path(args.runs) / f"{task}-dense"))
+    if (path / "factorlab.json").is_file():
+        return path
+    if not args.make_dense or task in overrides:
+        print(f"[{task}] no dense checkpoint at {path}; skipped (--make-dense fine-tunes one)")
+        return None
+    recipe = ["--task", task, "--data-dir", args.data_dir, "--seed", "42", "--epochs", "3"]
+    if task == "sst2":  # as core_glue.sh: a seeded 10k subset, 2 epochs
+        recipe += ["--train-samples", "10000", "--epochs", "2"]
+    command = ["factorlab", "finetune", *recipe, "--no-progress", "--output", str(path)]
+    print(f"[{task}] fine-tuning the dense model: {' '.join(command)}", flush=True)
+    subprocess.run(command, check=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows: list[dict[str, Any]] = []
+    for task_name in args.tasks:
+        task = get_task(task_name)
+        path = dense_path(task.name, args)
+        if path is None:
+            continue
+        tokenizer = load_tokenizer(str(path))
+        dev = EncodedSplit(
+            load_split(task, task.eval_splits[0], args.data_dir), tokenizer, args.max_seq_length
+        )
+        model = load(path)
+        dense_score = evaluate(model, dev, tokenizer)[task.main_metric]
+        dense_params = count_parameters(model)
+        print(f"[{task.name}] dense {task.main_metric} {dense_score:.4f} ({path})", flush=True)
+        rows.append(
+            {
+                "task": task.name,
+                "ratio": 1.0,
+                "method": "dense",
+                "metric": task.main_metric,
+                "score": dense_score,
+                "kept_score": 1.0,
+                "kept_params": 1.0,
+                "model_params": dense_params,
+                "rel_error": 0.0,
+                "seconds": 0.0,
+            }
+        )
+        start = time.perf_counter()
+        loader = calibration_loader(
+            tokenizer,
+            task=task.name,
+            data_dir=args.data_dir,
+            samples=args.calibration_samples,
+            max_seq_length=args.max_seq_length,
+        )
+        stats = collect_statistics(model, loader, progress=False)
+        calibration_seconds = time.perf_counter() - start
+        print(f"[{task.name}] calibration: {calibration_seconds:.0f}s", flush=True)
+        del model
+        for ratio in args.ratios:
+            for variant in args.methods:
+                method, options = VARIANTS[variant]
+                options = {"param_ratio": ratio, **options}
+                if method == "autoencoder" and args.ae_epochs:
+                    options["epochs"] = args.ae_epochs
+                if method == "act-svd" and args.act_eps is not None:
+                    options["eps"] = args.act_eps
+                model = load(path)
+                start = time.perf_counter()
+                report = factorize_(model, make_config(method, **options), stats)
+                seconds = time.perf_counter() - start
+                score = evaluate(model, dev, tokenizer)[task.main_metric]
+                row = {
+                    "task": task.name,
+                    "ratio": ratio,
+                    "method": variant,
+                    "metric": task.main_metric,
+                    "score": score,
+                    "kept_score": score / dense_score if dense_score else float("nan"),
+                    "kept_params": report.kept_ratio,
+                    "model_params": count_parameters(model),
+                    "rel_error": statistics.mean(m.rel_error for m in report.modules),
+                    "seconds": seconds,
+                }
+                rows.append(row)
+                print(
+                    f"[{task.name}] {variant} p={ratio}: {task.main_metric} {score:.4f} "
+                    f"({row['kept_score']:.1%} of dense) in {seconds:.0f}s",
+                    flush=True,
+                )
+                del model
+    table = format_table(rows)
+    print(table)
+    out = Path(args.json or Path(args.runs) / "offline_table.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: task, param_ratio, method, dev score, % of dense kept, params kept, error, s."""
+    lines = [
+        "| task | param_ratio | method | dev score | % of dense | targeted params kept "
+        "| mean rel. error | compress (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['ratio']:g} | {r['method']} | {r['metric']} {r['score']:.4f} "
+            f"| {100 * r['kept_score']:.1f} | {r['kept_params']:.3f} | {r['rel_error']:.3f} "
+            f"| {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

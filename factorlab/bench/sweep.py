@@ -1,0 +1,540 @@
+"""Sweeps: methods x param_ratios x tasks x seeds from one YAML file, cached and resumable.
+
+Every combination becomes one ``RunConfig`` (``factorlab.runs``) run by ``prepare_run`` /
+``execute`` into its own folder of the sweep's output directory, named by a readable prefix and a
+short hash of the run's config (``rte-low-rank-0.5-s42-1a2b3c4d``). A run whose folder already
+holds a ``results.json`` with the same config is skipped; ``execute`` writes the checkpoint and
+``results.json`` in one atomic rename, so a killed sweep, started again, redoes only the run that
+was interrupted. Changing anything in a run's config changes its hash, hence its folder: the old
+result stays and the new run is made.
+
+YAML schema (unknown keys are errors)::
+
+    model: path or Hub id            # optional; default the embedded all-MiniLM-L6-v2
+    data_dir: path                   # optional; GLUE folder (else $GLUE_DIR, else the Hub)
+    tasks: [rte, sst2]               # optional; omitted or [null]: factorize and save only
+    methods:                         # names, or mappings {name: ..., method options...}
+      - dense                        # the fine-tuned dense baseline (RunConfig.method=None)
+      - low-rank
+      - {name: monarch, nblocks: 4}
+      - {name: block-low-rank, grid: {nblocks: [2, 4]}}   # grid: one variant per combination
+      - {name: low-rank, staged: {order: top-down}}       # staged factorization (METHODS.md §4)
+      - {name: low-rank, param_ratios: [0.1]}             # this entry's own ratios
+    param_ratios: [0.5, 0.25]        # fraction of targeted parameters kept (not used by dense)
+    seeds: [42, 43, 44]              # TrainingConfig.seed of each run; default [42]
+    training: {epochs: 3, batch_size: 32}   # TrainingConfig fields except seed
+    train_samples: 10000             # optional; TrainingConfig.train_samples
+    bench: {batch_sizes: [1, 32], seq_len: 128, threads: 2, runs: 20}   # optional, see below
+
+With ``bench``, after the runs one checkpoint per (method variant, param_ratio) - the first task
+and seed - is benchmarked against its dense reference (``factorlab.bench.latency.bench``) and the
+result written to ``bench.json`` in its folder (skipped when one with the same settings exists);
+``factorlab report`` shows the latency ratios.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from factorlab.errors import ConfigError, DataError
+from factorlab.runs import RESULTS_FILE, PreparedRun, RunConfig, execute, prepare_run
+
+SWEEP_FILE = "sweep.json"
+BENCH_FILE = "bench.json"
+DENSE = "dense"
+TOP_KEYS = {
+    "model",
+    "data_dir",
+    "tasks",
+    "methods",
+    "param_ratios",
+    "seeds",
+    "training",
+    "train_samples",
+    "bench",
+}
+METHOD_KEYS = {"name", "grid", "staged", "param_ratios"}
+BENCH_KEYS = {"batch_sizes", "seq_len", "threads", "runs", "warmup"}
+
+
+@dataclass(frozen=True)
+class MethodVariant:
+    """One method entry of a sweep after expanding its ``grid``.
+
+    Attributes:
+        name: registered method name, or ``"dense"``.
+        options: method options other than ``param_ratio``.
+        staged: ``StagedSchedule`` fields for staged factorization, or ``None``.
+        param_ratios: the ratios to run (``(1.0,)`` for dense).
+    """
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+    staged: tuple[tuple[str, Any], ...] | None = None
+    param_ratios: tuple[float, ...] = (1.0,)
+
+    @property
+    def label(self) -> str:
+        """Readable name: ``monarch nblocks=4 staged``."""
+        parts = [self.name, *(f"{k}={_short(v)}" for k, v in self.options)]
+        if self.staged is not None:
+            parts.append("staged")
+        return " ".join(parts)
+
+
+def _short(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+@dataclass
+class SweepSpec:
+    """A validated sweep file. See the module docstring for the meaning of each field."""
+
+    model: str | None
+    data_dir: str | None
+    tasks: list[str | None]
+    methods: list[MethodVariant]
+    seeds: list[int]
+    training: dict[str, Any] = field(default_factory=dict)
+    bench: dict[str, Any] | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One run of a sweep: its place in the grid and its ``RunConfig``."""
+
+    name: str
+    task: str | None
+    method: MethodVariant
+    param_ratio: float
+    seed: int
+    config: RunConfig
+
+    @property
+    def label(self) -> str:
+        """``rte low-rank 0.5 seed 42`` (the method's options included)."""
+        ratio = "" if self.method.name == DENSE else f" {self.param_ratio:g}"
+        return f"{self.task or 'no task'} {self.method.label}{ratio} seed {self.seed}"
+
+    @property
+    def output(self) -> Path:
+        """The run's folder."""
+        return Path(self.config.output)
+
+
+@dataclass
+class SweepSummary:
+    """What ``run_sweep`` did: run names executed and skipped, and every run's results."""
+
+    output: Path
+    executed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    benched: list[str] = field(default_factory=list)
+
+
+def _fail(source: str, message: str) -> ConfigError:
+    return ConfigError(f"{source}: {message}")
+
+
+def _check_keys(data: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+
+
+def _list_of(value: Any, kind: type | tuple[type, ...], key: str, where: str) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        raise _fail(where, f"{key} must be a non-empty list, got {value!r}")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, kind):
+            names = kind if isinstance(kind, tuple) else (kind,)
+            expected = " or ".join(k.__name__ for k in names)
+            raise _fail(where, f"{key} has {item!r}, which is not a {expected}")
+    return value
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads ``5e-5`` (no dot) as a string: turn numeric strings into floats."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _ratios(value: Any, where: str) -> tuple[float, ...]:
+    if isinstance(value, list):
+        value = [_number(v) for v in value]
+    ratios = _list_of(value, (int, float), "param_ratios", where)
+    for r in ratios:
+        if not 0 < r <= 1:
+            raise _fail(where, f"param_ratios must be in (0, 1] (fraction kept), got {r}")
+    return tuple(float(r) for r in ratios)
+
+
+def _expand_method(entry: Any, ratios: tuple[float, ...] | None, where: str) -> list[MethodVariant]:
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise _fail(where, f"a method is a name or a mapping with 'name', got {entry!r}")
+    name = entry["name"]
+    options = {k: v for k, v in entry.items() if k not in METHOD_KEYS}
+    if "param_ratio" in options:
+        raise _fail(
+            where, f"method {name!r}: give ratios as param_ratios (a list), not param_ratio"
+        )
+    grid = entry.get("grid") or {}
+    if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
+        raise _fail(where, f"method {name!r}: grid must map option names to non-empty lists")
+    staged = entry.get("staged")
+    if staged is True:
+        staged = {}
+    if staged is False:
+        staged = None
+    if staged is not None and not isinstance(staged, dict):
+        raise _fail(where, f"method {name!r}: staged must be true or a mapping of its options")
+    if name == DENSE:
+        if options or grid or staged is not None or "param_ratios" in entry:
+            raise _fail(where, "method 'dense' (the baseline) takes no options")
+        return [MethodVariant(DENSE)]
+    own = _ratios(entry["param_ratios"], where) if "param_ratios" in entry else ratios
+    if own is None:
+        raise _fail(where, f"method {name!r} needs param_ratios (top level or in its entry)")
+    keys = sorted(grid)
+    variants = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        opts = {**options, **dict(zip(keys, values, strict=True))}
+        variants.append(
+            MethodVariant(
+                name,
+                tuple(sorted(opts.items())),
+                None if staged is None else tuple(sorted(staged.items())),
+                own,
+            )
+        )
+    return variants
+
+
+def parse_sweep(data: Any, where: str = "sweep") -> SweepSpec:
+    """Validate the content of a sweep file (a mapping, see the module docstring).
+
+    Only the shape of the file is checked here; ``plan_sweep`` and ``validate_sweep`` check every
+    run's method options, task, data and model.
+
+    Raises:
+        ConfigError: not a mapping, unknown keys (top level, method entries, ``bench``), or a value
+            of the wrong type.
+    """
+    if not isinstance(data, dict):
+        raise _fail(where, f"a sweep file is a mapping of keys, got {type(data).__name__}")
+    _check_keys(data, TOP_KEYS, where)
+    if "methods" not in data:
+        raise _fail(where, "methods is required (e.g. methods: [dense, low-rank])")
+    for key in ("model", "data_dir"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise _fail(where, f"{key} must be a string, got {data[key]!r}")
+    tasks = data.get("tasks")
+    tasks = [None] if tasks is None else tasks
+    if not isinstance(tasks, list) or not tasks:
+        raise _fail(where, f"tasks must be a non-empty list, got {tasks!r}")
+    for t in tasks:
+        if t is not None and not isinstance(t, str):
+            raise _fail(where, f"tasks has {t!r}, which is not a task name")
+    ratios = _ratios(data["param_ratios"], where) if "param_ratios" in data else None
+    methods_raw = data["methods"]
+    if not isinstance(methods_raw, list) or not methods_raw:
+        raise _fail(where, "methods must be a non-empty list")
+    methods = [v for entry in methods_raw for v in _expand_method(entry, ratios, where)]
+    seeds = _list_of(data.get("seeds", [42]), int, "seeds", where)
+    training = data.get("training") or {}
+    if not isinstance(training, dict):
+        raise _fail(where, f"training must be a mapping of TrainingConfig fields, got {training!r}")
+    from factorlab.training import TrainingConfig
+
+    known = {f.name for f in dataclasses.fields(TrainingConfig)} - {"seed"}
+    if "seed" in training:
+        raise _fail(where, "training.seed: give the seeds as the top-level list seeds")
+    _check_keys(training, known, f"{where}: training")
+    floats = {f.name for f in dataclasses.fields(TrainingConfig) if "float" in str(f.type)}
+    training = {k: _number(v) if k in floats else v for k, v in training.items()}
+    if data.get("train_samples") is not None:
+        if training.get("train_samples") is not None:
+            raise _fail(where, "train_samples is given twice (top level and under training)")
+        training["train_samples"] = data["train_samples"]
+    bench = data.get("bench")
+    if bench is not None:
+        if not isinstance(bench, dict):
+            raise _fail(where, f"bench must be a mapping, got {bench!r}")
+        _check_keys(bench, BENCH_KEYS, f"{where}: bench")
+        bench = {"batch_sizes": [1, 32], "seq_len": 128, "threads": None, **bench}
+    return SweepSpec(
+        model=data.get("model"),
+        data_dir=data.get("data_dir"),
+        tasks=tasks,
+        methods=methods,
+        seeds=seeds,
+        training=training,
+        bench=bench,
+        source=data,
+    )
+
+
+def load_sweep(path: str | os.PathLike) -> SweepSpec:
+    """Read and validate a sweep YAML file.
+
+    Raises:
+        DataError: the file does not exist. ConfigError: invalid YAML or content.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"sweep file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    return parse_sweep(data, str(path))
+
+
+def config_hash(config: RunConfig) -> str:
+    """First 8 hex digits of the SHA-256 of the run's config (``RunConfig.to_dict``, sorted JSON):
+    what the run computes, not where it is written."""
+    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _slug(text: str) -> str:
+    keep = [c if c.isalnum() or c in "-._" else "-" for c in text]
+    return "".join(keep).strip("-")
+
+
+def plan_sweep(spec: SweepSpec, output: str | os.PathLike) -> list[SweepRun]:
+    """Every run of ``spec`` (task, method variant, ratio, seed order), with its folder under
+    ``output`` (``<task>-<method>[-<options>][-staged]-<ratio>-s<seed>-<hash8>``).
+
+    Raises:
+        ConfigError: bad training values (``TrainingConfig``), or two identical runs.
+    """
+    from factorlab.training import StagedSchedule, TrainingConfig
+
+    output = Path(output)
+    runs: list[SweepRun] = []
+    for task in spec.tasks:
+        for method in spec.methods:
+            for ratio in method.param_ratios:
+                for seed in spec.seeds:
+                    try:
+                        training = TrainingConfig(**spec.training, seed=seed)
+                    except TypeError as exc:  # a value of the wrong type
+                        raise ConfigError(f"sweep training {spec.training}: {exc}") from exc
+                    is_dense = method.name == DENSE
+                    options = {} if is_dense else {"param_ratio": ratio, **dict(method.options)}
+                    staged = None
+                    if method.staged is not None:
+                        try:
+                            staged = StagedSchedule(**dict(method.staged))
+                        except TypeError as exc:  # an unknown option
+                            raise ConfigError(f"method {method.label!r}: staged: {exc}") from exc
+                    config = RunConfig(
+                        output="",
+                        model=spec.model,
+                        task=task,
+                        data_dir=spec.data_dir,
+                        method=None if is_dense else method.name,
+                        method_options=options,
+                        training=training,
+                        staged=staged,
+                    )
+                    parts = [task or "base", method.name]
+                    parts += [f"{k}{_short(v)}" for k, v in method.options]
+                    parts += ["staged"] if staged is not None else []
+                    parts += [] if is_dense else [f"{ratio:g}"]
+                    name = _slug("-".join([*parts, f"s{seed}", config_hash(config)]))
+                    config = dataclasses.replace(config, output=str(output / name))
+                    runs.append(SweepRun(name, task, method, ratio, seed, config))
+    names = [r.name for r in runs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"the sweep lists the same run twice: {duplicates[:3]}")
+    return runs
+
+
+def is_cached(run: SweepRun) -> bool:
+    """Whether ``run``'s folder holds a ``results.json`` with exactly its config."""
+    path = run.output / RESULTS_FILE
+    if not path.is_file():
+        return False
+    try:
+        previous = json.loads(path.read_text()).get("config")
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return previous == json.loads(json.dumps(run.config.to_dict()))
+
+
+def validate_sweep(runs: list[SweepRun]) -> list[PreparedRun]:
+    """``prepare_run`` on every run, before anything is executed: method options, tasks, data and
+    model are all checked first, so a typo in the last run does not surface hours later.
+
+    Raises:
+        ConfigError, DataError, OutputExistsError: as ``prepare_run``, naming the run.
+    """
+    prepared = []
+    for run in runs:
+        try:
+            prepared.append(prepare_run(run.config, overwrite=False))
+        except Exception as exc:
+            from factorlab.errors import FactorlabError
+
+            if isinstance(exc, FactorlabError):
+                raise type(exc)(f"sweep run {run.name} ({run.label}): {exc}") from exc
+            raise
+    return prepared
+
+
+def _main_metric(results: dict[str, Any]) -> str:
+    metrics = results.get("metrics") or {}
+    if not metrics:
+        return "no task"
+    name = results.get("main_metric") or next(iter(metrics))
+    return f"{name} {metrics.get(name, float('nan')):.4f}"
+
+
+def _remove_partials(run: SweepRun) -> None:
+    """Remove temporaries an interrupted ``execute`` of this very run left beside its folder."""
+    for stale in run.output.parent.glob(f".{run.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def bench_runs(
+    runs: list[SweepRun], settings: dict[str, Any], log: Callable[[str], None] = print
+) -> list[str]:
+    """Benchmark one checkpoint per (method variant, param_ratio) - its first run - against its
+    dense reference and write ``bench.json`` into that run's folder. Returns the run names
+    benchmarked now (a ``bench.json`` with the same settings is kept)."""
+    from factorlab.bench.latency import bench, load_for_bench, write_json
+
+    done = []
+    seen: set[tuple[Any, ...]] = set()
+    for run in runs:
+        key = (run.method.label, run.param_ratio)
+        if key in seen:
+            continue
+        seen.add(key)
+        path = run.output / BENCH_FILE
+        if path.is_file():
+            try:
+                if json.loads(path.read_text()).get("settings") == settings:
+                    continue
+            except json.JSONDecodeError:
+                pass
+        start = time.perf_counter()
+        model = load_for_bench(str(run.output))
+        result = bench(
+            model,
+            batch_sizes=settings["batch_sizes"],
+            seq_len=settings["seq_len"],
+            threads=settings["threads"],
+            runs=settings.get("runs", 20),
+            warmup=settings.get("warmup", 3),
+            name=str(run.output),
+        )
+        result["settings"] = settings
+        write_json(result, path)
+        ratios = ", ".join(
+            f"batch {b['batch_size']} {b['latency_ratio']:.3f}x" for b in result["batches"]
+        )
+        log(f"bench {run.label}: {ratios} of dense latency ({time.perf_counter() - start:.0f} s)")
+        done.append(run.name)
+    return done
+
+
+def run_sweep(
+    spec: SweepSpec | str | os.PathLike,
+    output: str | os.PathLike,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+    execute_fn: Callable[..., dict[str, Any]] | None = None,
+) -> SweepSummary:
+    """Run every run of a sweep that is not already done, in order, then the optional benchmark.
+
+    All runs are planned and validated first (``plan_sweep``, ``validate_sweep``); nothing is run
+    if any is invalid. ``output/sweep.json`` records the sweep file and the run list. One line is
+    logged per run: ``[3/12] rte low-rank 0.5 seed 42: done in 95 s, accuracy 0.6100`` or
+    ``skipped (cached)``. A failing run is logged and its exception re-raised (finished runs stay
+    done; running the sweep again resumes).
+
+    Args:
+        spec: a ``SweepSpec`` or the path of a sweep YAML file.
+        output: the sweep folder; one subfolder per run.
+        progress: show training progress bars.
+        log: where the lines go.
+        execute_fn: replaces ``factorlab.runs.execute`` (tests).
+
+    Returns:
+        A ``SweepSummary``.
+
+    Raises:
+        ConfigError, DataError, OutputExistsError: invalid sweep (before anything runs); any
+        exception of a run.
+    """
+    if not isinstance(spec, SweepSpec):
+        spec = load_sweep(spec)
+    execute_fn = execute_fn or execute
+    output = Path(output)
+    runs = plan_sweep(spec, output)
+    prepared = validate_sweep(runs)
+    from factorlab.io import write_json_atomic
+
+    write_json_atomic(
+        output / SWEEP_FILE,
+        {
+            "sweep": spec.source,
+            "runs": [
+                {
+                    "name": r.name,
+                    "task": r.task,
+                    "method": r.method.name,
+                    "label": r.method.label,
+                    "param_ratio": r.param_ratio,
+                    "seed": r.seed,
+                }
+                for r in runs
+            ],
+        },
+    )
+    summary = SweepSummary(output)
+    total = len(runs)
+    for i, (run, prep) in enumerate(zip(runs, prepared, strict=True), 1):
+        head = f"[{i}/{total}] {run.label}"
+        if is_cached(run):
+            summary.skipped.append(run.name)
+            summary.results[run.name] = json.loads((run.output / RESULTS_FILE).read_text())
+            log(f"{head}: skipped (cached)")
+            continue
+        _remove_partials(run)
+        start = time.perf_counter()
+        try:
+            results = execute_fn(prep, progress=progress, log=lambda msg: log(f"    {msg}"))
+        except BaseException as exc:
+            log(f"{head}: failed after {time.perf_counter() - start:.0f} s ({exc!r})")
+            raise
+        summary.executed.append(run.name)
+        summary.results[run.name] = results
+        log(f"{head}: done in {time.perf_counter() - start:.0f} s, {_main_metric(results)}")
+    if spec.bench is not None:
+        summary.benched = bench_runs(runs, spec.bench, log)
+    return summary
