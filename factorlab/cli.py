@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from factorlab.errors import FactorlabError
@@ -250,7 +251,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             if k not in ("kind", "in_features", "out_features", "bias", "source")
         }
         print(f"  {name}  {layer['kind']}  {layer['out_features']}x{layer['in_features']}  {extra}")
-    results_path = __import__("pathlib").Path(args.checkpoint) / RESULTS_FILE
+    results_path = Path(args.checkpoint) / RESULTS_FILE
     if results_path.is_file():
         results = json.loads(results_path.read_text())
         p = results["parameters"]
@@ -312,8 +313,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from factorlab.bench.sweep import run_sweep
 
     output = args.output or str(Path("runs") / Path(args.config).stem)
