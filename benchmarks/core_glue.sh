@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's core table: dense MiniLM vs low-rank at param_ratio 0.5, each fine-tuned with the
+# The README's core table: dense MiniLM vs low-rank at param_ratio 0.5 (and, on MRPC, Monarch and
+# block-low-rank at the same parameters), each fine-tuned with the
 # same recipe and seed, evaluated on the real GLUE dev sets. A run whose results.json exists is
 # kept (runs are deterministic for a seed on CPU), so an interrupted script resumes. Usage:
 #   bash benchmarks/core_glue.sh [OUT_DIR]      (GLUE_DIR defaults to ../shared/data/glue)
@@ -29,4 +30,9 @@ for task in sst2 mrpc rte; do
   fi
   run "$task-dense" factorlab finetune "${recipe[@]}"
   run "$task-low-rank-0.5" factorlab compress "${recipe[@]}" --method low-rank --param-ratio 0.5
+done
+# The first slice of the Monarch / block-low-rank comparison: the same recipe on MRPC.
+mrpc=(--task mrpc --data-dir "$data" --seed 42 --no-progress --epochs 3 --param-ratio 0.5)
+for method in monarch block-low-rank; do
+  run "mrpc-$method-0.5" factorlab compress "${mrpc[@]}" --method "$method"
 done
