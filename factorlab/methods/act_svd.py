@@ -30,12 +30,8 @@ class ActSVDConfig(FactorizationConfig):
             down to about 1e-10 is numerically safe (the damped condition number is at most about
             ``1 + n / eps``), so eps is a statistical choice: it blends the calibration inputs'
             covariance with the identity (plain SVD), which guards directions the calibration
-            data under-represents. Measured on MiniLM (targets at p = 0.5, Gram from RTE train,
-            relative output error on the held-out RTE dev inputs; plain SVD 0.373): with 512
-            calibration examples every eps from 0 to 1e-2 gave 0.2353 (0.1: 0.2369, 1: 0.2638);
-            with 16 examples (962 tokens, fewer than output.dense's 1536 inputs) eps <= 1e-4 gave
-            0.2782, 1e-2 0.2772, 0.1 0.2721. 1e-2 costs nothing with enough data and helps a
-            little without.
+            data under-represents (most useful when the calibration set has fewer tokens than
+            the layer has inputs).
     """
 
     method = "act-svd"

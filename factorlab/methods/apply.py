@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from factorlab.errors import ConfigError
 from factorlab.layers.base import FactorizedLinear
 from factorlab.methods.config import FactorizationConfig
 from factorlab.methods.registry import GroupMember, Projected, get_method
@@ -126,8 +127,6 @@ def factorize_(
     if method.needs_calibration:
         missing = [t.name for t in targets if calibration is None or t.name not in calibration]
         if missing:
-            from factorlab.errors import ConfigError
-
             raise ConfigError(
                 f"method {method.name!r} needs calibration statistics; none for {missing[:3]}... "
                 "Collect them with factorlab.calibration first."

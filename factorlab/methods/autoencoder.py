@@ -50,11 +50,9 @@ class AutoencoderConfig(FactorizationConfig):
             layer keeping its own latents ([K23]'s "modules together"); ``"per-matrix"``: one
             autoencoder and decoder per matrix.
         linear: one ``Linear`` as encoder and as decoder instead of the 3-layer networks.
-        epochs: training epochs over the rows; default 30, [K23]'s 20 + 10. On MiniLM (six
-            stacked groups) an epoch took 13 s at p = 0.5 and 6 s at p = 0.25 on 2 idle CPU cores
-            (about 6.5 and 3 minutes in all); the loss was still falling at epoch 30, and 10
-            epochs left a clearly worse fit (mean relative error 1.04 against 0.85 at p = 0.5).
-            Lower it for quick checks.
+        epochs: training epochs over the rows; default 30, [K23]'s 20 + 10. Fewer epochs fit
+            worse (``benchmarks/offline_table.py --ae-epochs N`` prints the mean relative weight
+            error and the fit time); lower it for quick checks.
         batch_size: rows per Adam step ([K23]: 16).
         learning_rate: Adam's initial rate ([K23]: 1e-3).
         lr_step / lr_gamma: the rate is multiplied by ``lr_gamma`` every ``lr_step`` epochs
