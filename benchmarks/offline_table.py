@@ -13,9 +13,13 @@ Usage (from the repository root; GLUE_DIR defaults to ../shared/data/glue):
     python benchmarks/offline_table.py --tasks cola stsb --make-dense       # fine-tunes them first
     python benchmarks/offline_table.py --tasks rte --dense rte=/tmp/rte-dense-small --ratios 0.5
 
-It prints a markdown table (one row per task, ratio and method: dev score, the fraction of the
-dense score kept, parameters kept, mean relative weight error, seconds to compress) and writes the
-same as JSON (``--json``, default ``RUNS/offline_table.json``).
+It prints a markdown table, one row per task, ratio and method (dev score, the fraction of the
+dense score kept, parameters kept, mean relative weight error, seconds to compress), plus
+"constant": the score of always predicting the training set's majority class (STS-B: its mean
+score), the floor a model that learned nothing reaches. It writes the same as JSON (``--json``,
+default ``RUNS/offline_table.json``). Rows already in that JSON (same task, ratio, method,
+options and dense checkpoint) are not recomputed: the table grows over several invocations, and
+an interrupted one resumes.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ import torch
 
 from factorlab.calibration import calibration_loader, collect_statistics
 from factorlab.checkpoint import load
+from factorlab.io import write_json_atomic
 from factorlab.methods import count_parameters, factorize_, make_config
 from factorlab.models import load_tokenizer
-from factorlab.tasks import get_task, load_split
+from factorlab.tasks import baseline_score, get_task, load_split
 from factorlab.training import EncodedSplit, evaluate
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -90,15 +95,55 @@ def dense_path(task: str, args: argparse.Namespace) -> Path | None:
     return path
 
 
+def _options(variant: str, ratio: float, args: argparse.Namespace) -> dict[str, Any]:
+    method, options = VARIANTS[variant]
+    options = {"param_ratio": ratio, **options}
+    if method == "autoencoder" and args.ae_epochs:
+        options["epochs"] = args.ae_epochs
+    if method == "act-svd" and args.act_eps is not None:
+        options["eps"] = args.act_eps
+    return options
+
+
+def _key(task: str, ratio: float, method: str, dense: Path | str, options: dict) -> tuple:
+    """What a row measured: rows with the same key are not recomputed."""
+    return (task, ratio, method, str(dense), json.dumps(options))
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    return _key(row["task"], row["ratio"], row["method"], row["dense"], row["options"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows: list[dict[str, Any]] = []
+    out = Path(args.json or Path(args.runs) / "offline_table.json")
+    # Rows already in the JSON file are kept and not recomputed, so the table grows over several
+    # invocations (other tasks, ratios or methods) and an interrupted one resumes.
+    rows: list[dict[str, Any]] = json.loads(out.read_text())["rows"] if out.is_file() else []
+    done = {_row_key(r) for r in rows if "options" in r}
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        done.add(_row_key(row))
+        write_json_atomic(out, {"rows": rows})
+
     for task_name in args.tasks:
         task = get_task(task_name)
         path = dense_path(task.name, args)
         if path is None:
+            continue
+        todo = [
+            (ratio, variant)
+            for ratio in args.ratios
+            for variant in args.methods
+            if _key(task.name, ratio, variant, path, _options(variant, ratio, args)) not in done
+        ]
+        dense_key = _key(task.name, 1.0, "dense", path, {})
+        constant_key = _key(task.name, 1.0, "constant", path, {})
+        if not todo and dense_key in done and constant_key in done:
+            print(f"[{task.name}] all rows measured already ({out})")
             continue
         tokenizer = load_tokenizer(str(path))
         dev = EncodedSplit(
@@ -106,77 +151,91 @@ def main(argv: list[str] | None = None) -> int:
         )
         model = load(path)
         dense_score = evaluate(model, dev, tokenizer)[task.main_metric]
-        dense_params = count_parameters(model)
         print(f"[{task.name}] dense {task.main_metric} {dense_score:.4f} ({path})", flush=True)
-        rows.append(
-            {
-                "task": task.name,
-                "ratio": 1.0,
-                "method": "dense",
-                "metric": task.main_metric,
-                "score": dense_score,
-                "kept_score": 1.0,
-                "kept_params": 1.0,
-                "model_params": dense_params,
-                "rel_error": 0.0,
-                "seconds": 0.0,
-            }
-        )
-        start = time.perf_counter()
-        loader = calibration_loader(
-            tokenizer,
-            task=task.name,
-            data_dir=args.data_dir,
-            samples=args.calibration_samples,
-            max_seq_length=args.max_seq_length,
-        )
-        stats = collect_statistics(model, loader, progress=False)
-        calibration_seconds = time.perf_counter() - start
-        print(f"[{task.name}] calibration: {calibration_seconds:.0f}s", flush=True)
-        del model
-        for ratio in args.ratios:
-            for variant in args.methods:
-                method, options = VARIANTS[variant]
-                options = {"param_ratio": ratio, **options}
-                if method == "autoencoder" and args.ae_epochs:
-                    options["epochs"] = args.ae_epochs
-                if method == "act-svd" and args.act_eps is not None:
-                    options["eps"] = args.act_eps
-                model = load(path)
-                start = time.perf_counter()
-                report = factorize_(model, make_config(method, **options), stats)
-                seconds = time.perf_counter() - start
-                score = evaluate(model, dev, tokenizer)[task.main_metric]
-                row = {
-                    "task": task.name,
-                    "ratio": ratio,
-                    "method": variant,
-                    "metric": task.main_metric,
-                    "score": score,
-                    "kept_score": score / dense_score if dense_score else float("nan"),
-                    "kept_params": report.kept_ratio,
+        base = {"task": task.name, "metric": task.main_metric, "dense": str(path)}
+        if dense_key not in done:
+            add(
+                {
+                    **base,
+                    "ratio": 1.0,
+                    "method": "dense",
+                    "options": {},
+                    "score": dense_score,
+                    "kept_score": 1.0,
+                    "kept_params": 1.0,
                     "model_params": count_parameters(model),
-                    "rel_error": statistics.mean(m.rel_error for m in report.modules),
-                    "seconds": seconds,
+                    "rel_error": 0.0,
+                    "seconds": 0.0,
                 }
-                rows.append(row)
-                print(
-                    f"[{task.name}] {variant} p={ratio}: {task.main_metric} {score:.4f} "
-                    f"({row['kept_score']:.1%} of dense) in {seconds:.0f}s",
-                    flush=True,
-                )
-                del model
-    table = format_table(rows)
-    print(table)
-    out = Path(args.json or Path(args.runs) / "offline_table.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    print(f"wrote {out}")
+            )
+        if constant_key not in done:
+            train_labels = load_split(task, "train", args.data_dir).labels
+            constant = baseline_score(task, train_labels, dev.labels)
+            add(
+                {
+                    **base,
+                    "ratio": 1.0,
+                    "method": "constant",
+                    "options": {},
+                    "score": constant,
+                    "kept_score": constant / dense_score if dense_score else float("nan"),
+                    "kept_params": 0.0,
+                    "model_params": 0,
+                    "rel_error": 1.0,
+                    "seconds": 0.0,
+                }
+            )
+        stats = None
+        if any(VARIANTS[variant][0] in ("fwsvd", "act-svd") for _, variant in todo):
+            start = time.perf_counter()
+            loader = calibration_loader(
+                tokenizer,
+                task=task.name,
+                data_dir=args.data_dir,
+                samples=args.calibration_samples,
+                max_seq_length=args.max_seq_length,
+            )
+            stats = collect_statistics(model, loader, progress=False)
+            print(f"[{task.name}] calibration: {time.perf_counter() - start:.0f}s", flush=True)
+        del model
+        for ratio, variant in todo:
+            options = _options(variant, ratio, args)
+            model = load(path)
+            start = time.perf_counter()
+            report = factorize_(model, make_config(VARIANTS[variant][0], **options), stats)
+            seconds = time.perf_counter() - start
+            score = evaluate(model, dev, tokenizer)[task.main_metric]
+            row = {
+                **base,
+                "ratio": ratio,
+                "method": variant,
+                "options": options,
+                "score": score,
+                "kept_score": score / dense_score if dense_score else float("nan"),
+                "kept_params": report.kept_ratio,
+                "model_params": count_parameters(model),
+                "rel_error": statistics.mean(m.rel_error for m in report.modules),
+                "seconds": seconds,
+            }
+            add(row)
+            print(
+                f"[{task.name}] {variant} p={ratio}: {task.main_metric} {score:.4f} "
+                f"({row['kept_score']:.1%} of dense) in {seconds:.0f}s",
+                flush=True,
+            )
+            del model
+    print(format_table(rows))
+    print()
+    print(format_pivot(rows))
+    print(f"rows in {out}")
     return 0
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: task, param_ratio, method, dev score, % of dense kept, params kept, error, s."""
+    """Markdown: task, param_ratio, method, dev score, % of dense kept, params kept, error, s;
+    ordered by task, then ratio (dense first), then the order of ``VARIANTS``."""
+    order = ["dense", "constant", *VARIANTS]
+    rows = sorted(rows, key=lambda r: (r["task"], -r["ratio"], order.index(r["method"])))
     lines = [
         "| task | param_ratio | method | dev score | % of dense | targeted params kept "
         "| mean rel. error | compress (s) |",
@@ -188,6 +247,31 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"| {100 * r['kept_score']:.1f} | {r['kept_params']:.3f} | {r['rel_error']:.3f} "
             f"| {r['seconds']:.0f} |"
         )
+    return "\n".join(lines)
+
+
+def format_pivot(rows: list[dict[str, Any]]) -> str:
+    """Markdown, one row per (param_ratio, method) and one column per task: the dev score in
+    percent and, in parentheses, the percent of the dense score it keeps."""
+    order = ["dense", "constant", *VARIANTS]
+    tasks = sorted({r["task"] for r in rows})
+    metric = {r["task"]: r["metric"] for r in rows}
+    cells = {(r["ratio"], r["method"], r["task"]): r for r in rows}
+    keys = sorted(
+        {(r["ratio"], r["method"]) for r in rows}, key=lambda k: (-k[0], order.index(k[1]))
+    )
+    lines = [
+        "| param_ratio | method | " + " | ".join(f"{t} {metric[t]}" for t in tasks) + " |",
+        "|---|---|" + "---|" * len(tasks),
+    ]
+    for ratio, method in keys:
+        row = []
+        for t in tasks:
+            r = cells.get((ratio, method, t))
+            kept = "" if r is None or method == "dense" else f" ({100 * r['kept_score']:.0f}%)"
+            row.append("-" if r is None else f"{100 * r['score']:.1f}{kept}")
+        label = "1" if method in ("dense", "constant") else f"{ratio:g}"
+        lines.append(f"| {label} | {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

@@ -16,12 +16,12 @@
 # low-data: 10% of the train set (drawn with each run's seed), 6 epochs (RTE 48 steps,
 # MRPC 72), so each stage still gets 6-10 steps. Override with EPOCHS_HIGH / EPOCHS_LOW / SEEDS.
 #
-# Run time, measured on this machine (2 cores shared with other jobs, load ~7): ~14 s per RTE
-# optimizer step (batches padded to 128 tokens; MRPC batches average 80 tokens, ~9 s assumed) and
-# ~1 min per run for projection (36 SVDs), evaluation and saving. 10 runs per study give about
-#   rte-high 6.2 h, rte-low 2.0 h, mrpc-high 5.9 h, mrpc-low 2.0 h, monarch-rte-high 6.2 h,
-#   monarch-rte-low 2.0 h (Monarch assumed as fast as low-rank): ~24 h in all; this job got ~50%
-#   of the 2 cores, so on an idle machine expect roughly a third to a half of that.
+# Run time: the comparison sweep (benchmarks/sweep_comparison.yaml) measured, per optimizer step
+# with OMP_NUM_THREADS=1 and two such jobs sharing the 2 cores, RTE 3.0 s and MRPC 2.0 s (mean over
+# its runs). So one run is ~8 min high-data and ~3 min low-data, 10 runs per study, and all six
+# studies take ~5.3 h of one such job: ~2.7 h when run as two parallel jobs, e.g.
+#   OMP_NUM_THREADS=1 bash benchmarks/stability_study.sh runs/stability rte-high rte-low monarch-rte-low &
+#   OMP_NUM_THREADS=1 bash benchmarks/stability_study.sh runs/stability mrpc-high mrpc-low monarch-rte-high
 set -euo pipefail
 out=${1:-runs/stability}
 shift || true

@@ -377,7 +377,6 @@ def resolve_calibration(
     task: str | None,
     data_dir: str | os.PathLike | None,
     model_path: str,
-    staged: bool = False,
 ) -> CalibrationConfig | None:
     """The calibration a run needs, checked before any work (``prepare_run`` calls this).
 
@@ -387,9 +386,8 @@ def resolve_calibration(
 
     Raises:
         ConfigError: calibration for a method that takes none; a calibration method without data;
-            staged factorization with a calibration method (not supported yet); Fisher statistics
-            from a text file, or for a model without a task head (no ``task`` and not a factorlab
-            checkpoint, which keeps its head).
+            Fisher statistics from a text file, or for a model without a task head (no ``task``
+            and not a factorlab checkpoint, which keeps its head).
         DataError: the calibration data is missing.
     """
     from factorlab.checkpoint import is_checkpoint
@@ -405,8 +403,6 @@ def resolve_calibration(
             )
         return None
     statistics = get_method(method).statistics  # type: ignore[arg-type]
-    if staged:
-        raise ConfigError(f"staged factorization does not support {method} (it needs calibration)")
     resolved = calibration or CalibrationConfig()
     if not given:
         if task is None:
@@ -437,9 +433,11 @@ def run_calibration(
     data_dir: str | os.PathLike | None,
     max_seq_length: int,
     progress: bool = True,
+    modules: Sequence[str] | None = None,
 ) -> dict[str, ModuleStatistics]:
     """Collect the statistics ``factorization``'s method needs on ``calibration``'s data, for the
-    modules it targets (``collect_statistics`` on ``calibration_loader``)."""
+    modules it targets, or only ``modules`` (one stage of a staged run): ``collect_statistics``
+    on ``calibration_loader``."""
     from factorlab.methods import get_method
 
     statistics = get_method(factorization).statistics
@@ -453,7 +451,11 @@ def run_calibration(
         batch_size=calibration.batch_size,
         seed=calibration.seed,
     )
-    targets = select_targets(model, factorization.target_modules, factorization.exclude_modules)
+    targets: Sequence[str] | Sequence[Target] = (
+        list(modules)
+        if modules is not None
+        else select_targets(model, factorization.target_modules, factorization.exclude_modules)
+    )
     return collect_statistics(
         model,
         loader,

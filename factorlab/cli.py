@@ -111,6 +111,16 @@ def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_option_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other option of the method's config, repeatable (e.g. --option epochs=10 "
+        "--option sharing=per-matrix for autoencoder, --option eps=0.01 for act-svd)",
+    )
+
+
 def _calibration(args: argparse.Namespace) -> Any:
     from factorlab.calibration import CalibrationConfig
 
@@ -134,7 +144,25 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         options["target_modules"] = args.target_regex
     if args.exclude_modules:
         options["exclude_modules"] = args.exclude_modules
+    for item in getattr(args, "option", None) or []:
+        key, value = _parse_option(item)
+        if key in options:
+            raise _usage(f"--option {item}: {key} is already set (by its own flag or twice)")
+        options[key] = value
     return options
+
+
+def _parse_option(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, value); the value is read as JSON (``10``, ``1e-2``, ``true``,
+    ``[1, 2]``) when it parses, else kept as text (``per-matrix``)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise _usage(f"--option takes KEY=VALUE (e.g. --option epochs=10), got {item!r}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    return key.strip().replace("-", "_"), value
 
 
 def _usage(message: str) -> FactorlabError:
@@ -354,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--target-regex", help="regex (full match) of module names to factorize")
     p.add_argument("--exclude-modules", nargs="+", help="module names (or suffixes) to leave dense")
+    _add_option_arg(p)
     p.add_argument("--output", required=True, help="run folder: checkpoint + results.json")
     p.add_argument(
         "--overwrite", action="store_true", help="replace an output folder holding another run"
@@ -376,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="low-rank", help="default low-rank")
     p.add_argument("--param-ratio", type=float, default=0.5, help="fraction KEPT, default 0.5")
     p.add_argument("--nblocks", type=int, help="blocks per side for block methods")
+    _add_option_arg(p)
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=int, default=5, help="run seeds 0..N-1 (default 5)")
     seeds.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds instead")

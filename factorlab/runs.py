@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import transformers
 from accelerate import Accelerator
+from torch import nn
 
 from factorlab.calibration import CalibrationConfig, resolve_calibration, run_calibration
 from factorlab.checkpoint import save
@@ -33,6 +34,7 @@ from factorlab.training import (
     EncodedSplit,
     StagedSchedule,
     TrainingConfig,
+    check_stageable,
     evaluate,
     finetune_staged,
     seed_everything,
@@ -143,6 +145,8 @@ def prepare_run(config: RunConfig, overwrite: bool = False) -> PreparedRun:
             "staged factorization fine-tunes between stages: it needs a task (--task) and a "
             "method (not the dense baseline)"
         )
+    if config.staged is not None and factorization is not None:
+        check_stageable(factorization)
     if task is not None:
         check_task_available(task, config.data_dir)
     model_path = resolve_model(config.model)
@@ -152,7 +156,6 @@ def prepare_run(config: RunConfig, overwrite: bool = False) -> PreparedRun:
         config.task,
         config.data_dir,
         model_path,
-        staged=config.staged is not None,
     )
     check_output(config.output, config.to_dict(), overwrite)
     return PreparedRun(config, model_path, task, factorization, calibration)
@@ -249,6 +252,21 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
         timings["data"] = time.perf_counter() - start
         if staged:
             assert run.factorization is not None and config.staged is not None
+            calibrate = None
+            if run.calibration is not None:
+
+                def calibrate(model: nn.Module, modules: list[str]) -> dict[str, Any]:
+                    return run_calibration(
+                        model,
+                        tokenizer,
+                        run.factorization,
+                        run.calibration,
+                        config.data_dir,
+                        training.max_seq_length,
+                        progress=progress,
+                        modules=modules,
+                    )
+
             result, report = finetune_staged(
                 model,
                 run.factorization,
@@ -259,6 +277,7 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
                 accelerator=accelerator,
                 progress=progress,
                 log=log,
+                calibrate=calibrate,
             )
             targeted_before, targeted_after = report.targeted_before, report.targeted_after
             timings["factorize"] = sum(s.factorize_seconds for s in result.stages)

@@ -147,5 +147,3 @@ def test_resolve_calibration(tiny_glue_dir, tiny_model_dir, tmp_path):
     # Fisher needs a head: a plain HF folder without --task is refused
     with pytest.raises(ConfigError, match="task head"):
         resolve_calibration(CalibrationConfig(task="rte"), "fwsvd", None, tiny_glue_dir, model)
-    with pytest.raises(ConfigError, match="staged"):
-        resolve_calibration(None, "act-svd", "rte", tiny_glue_dir, model, staged=True)

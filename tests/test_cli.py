@@ -117,6 +117,13 @@ BAD_INPUTS = {
     "missing model": (["--model", "./no/such/model"], "does not exist"),
     "option of another method": (["--nblocks", "4"], "does not take option"),
     "bad training value": (["--epochs", "0"], "epochs must be > 0"),
+    "option without a value": (["--option", "epochs"], "--option takes KEY=VALUE"),
+    "option set twice": (["--option", "param_ratio=0.3"], "param_ratio is already set"),
+    "option the method lacks": (["--option", "eps=0.1"], r"does not take option\(s\) \['eps'\]"),
+    "option of a bad value": (
+        ["--method", "autoencoder", "--option", "epochs=0"],
+        "epochs must be an int >= 1, got 0",
+    ),
 }
 
 
@@ -192,3 +199,16 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "factorlab", "--help"], capture_output=True, text=True
     )
     assert done.returncode == 0 and "compress" in done.stdout
+
+
+def test_option_reaches_the_method_config(tmp_path, tiny_model_dir):
+    argv = ["compress", "--model", str(tiny_model_dir), "--method", "autoencoder"]
+    argv += ["--option", "epochs=2", "--option", "sharing=per-matrix", "--option", "linear=true"]
+    assert main([*argv, "--no-progress", "--output", str(tmp_path / "ae")]) == 0
+    options = json.loads((tmp_path / "ae" / "results.json").read_text())["config"]
+    assert options["method_options"] == {
+        "param_ratio": 0.5,
+        "epochs": 2,
+        "sharing": "per-matrix",
+        "linear": True,
+    }

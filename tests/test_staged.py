@@ -330,7 +330,9 @@ def test_cli_compress_staged(tmp_path, tiny_model_dir, tiny_glue_dir, capsys):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_registered_method_can_be_staged(tokenizer, rte_train, method):
-    config = make_config(method, param_ratio=0.5)
+    # a decoder shared over all blocks cannot be fitted stage by stage (refused, tested below)
+    options = {"sharing": "per-matrix", "epochs": 2} if method == "autoencoder" else {}
+    config = make_config(method, param_ratio=0.5, **options)
     schedule = StagedSchedule(blocks_per_stage=2)
     training = TrainingConfig(batch_size=8, max_seq_length=32, max_steps=3, learning_rate=1e-3)
     model = bert4(tokenizer)
@@ -346,3 +348,56 @@ def test_every_registered_method_can_be_staged(tokenizer, rte_train, method):
     assert [m.name for m in report.modules] == [t for i in range(4) for t in block(i)]
     projected = {m.name for m in report.modules if m.rank is not None}
     assert projected and set(factorized_modules(model)) == projected
+
+
+def test_staged_calibration_methods_recalibrate_each_stage(
+    tmp_path, tiny_model_dir, tiny_glue_dir, monkeypatch
+):
+    """act-svd staged: before each stage, Gram statistics of exactly that stage's modules are
+    collected on the current (fine-tuned, partly factorized) model."""
+    import factorlab.calibration as calibration
+
+    collected: list[tuple[list[str], int]] = []
+    real = calibration.collect_statistics
+
+    def spy(model, batches, targets=None, **kwargs):
+        factorized = sum(1 for _ in factorized_modules(model))
+        collected.append(([getattr(t, "name", t) for t in targets], factorized))
+        return real(model, batches, targets, **kwargs)
+
+    monkeypatch.setattr(calibration, "collect_statistics", spy)
+    config = RunConfig(
+        output=str(tmp_path / "run"),
+        model=str(tiny_model_dir),
+        task="rte",
+        data_dir=str(tiny_glue_dir),
+        method="act-svd",
+        method_options={"param_ratio": 0.5},
+        training=TrainingConfig(batch_size=8, max_seq_length=32, epochs=2),
+        staged=StagedSchedule(),
+    )
+    results = execute(prepare_run(config), progress=False, log=lambda _: None)
+    stages = results["train"]["stages"]
+    assert [names for names, _ in collected] == [s["modules"] for s in stages if s["modules"]]
+    assert [factorized for _, factorized in collected] == [0, len(stages[0]["modules"])]
+    assert results["calibration"]["task"] == "rte" and results["schedule"] == "staged"
+    assert results["factorization"]["method"] == "act-svd"
+    assert len(results["factorization"]["modules"]) == sum(len(s["modules"]) for s in stages)
+
+
+def test_staged_autoencoder_needs_per_matrix_sharing(tmp_path, tiny_model_dir, tiny_glue_dir):
+    def config(sharing: str) -> RunConfig:
+        return RunConfig(
+            output=str(tmp_path / sharing),
+            model=str(tiny_model_dir),
+            task="rte",
+            data_dir=str(tiny_glue_dir),
+            method="autoencoder",
+            method_options={"param_ratio": 0.5, "sharing": sharing},
+            staged=StagedSchedule(),
+        )
+
+    with pytest.raises(ConfigError, match="sharing='per-matrix'"):
+        prepare_run(config("stacked"))
+    assert not (tmp_path / "stacked").exists()
+    assert prepare_run(config("per-matrix")).factorization.sharing == "per-matrix"

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from factorlab.bench import sweep as sweep_mod
-from factorlab.bench.report import collect_results, reconstruction_error_curve
+from factorlab.bench.report import collect_results, comparison_table, reconstruction_error_curve
 from factorlab.bench.sweep import load_sweep, parse_sweep, plan_sweep, run_sweep
 from factorlab.cli import main
 from factorlab.errors import ConfigError
@@ -229,3 +229,38 @@ def test_reconstruction_error_curve():
     errors = reconstruction_error_curve(W)
     assert len(errors) == 5 and errors[0] == pytest.approx(1.0) and errors[-1] == 0.0
     assert errors[1] == pytest.approx((5 / 14) ** 0.5) and errors[3] == pytest.approx(0.0)
+
+
+def _result(task, method, ratio, seed, value, kept=0.5):
+    return {
+        "task": task,
+        "method": method,
+        "param_ratio": ratio,
+        "seed": seed,
+        "main_metric": "accuracy",
+        "metrics": {"accuracy": value, "f1": 0.0},
+        "parameters": {"model_before": 100, "model_after": int(100 * kept)},
+        "config": {"method_options": {"param_ratio": ratio, "nblocks": 4}}
+        if method == "monarch"
+        else {},
+    }
+
+
+def test_comparison_table_pivots_tasks_and_latency():
+    results = [
+        _result("rte", "dense", 1.0, 1, 0.50, kept=1.0),
+        _result("sst2", "dense", 1.0, 1, 0.90, kept=1.0),
+        _result("sst2", "low-rank", 0.5, 1, 0.80),
+        _result("sst2", "low-rank", 0.5, 2, 0.70),
+        _result("rte", "monarch", 0.5, 1, 0.55),
+    ]
+    batches = [{"batch_size": 1, "latency_ratio": 0.8}, {"batch_size": 32, "latency_ratio": 0.75}]
+    bench = {"batches": batches}
+    table = comparison_table(results, {("low-rank", 0.5): bench}).splitlines()
+    assert table[0] == (
+        "| method | param_ratio | model kept | rte accuracy | sst2 accuracy | latency x b1 "
+        "| latency x b32 |"
+    )
+    assert table[2] == "| dense | 1 | 1.000 | 50.00 | 90.00 | 1 | 1 |"
+    assert table[3] == "| low-rank | 0.5 | 0.500 | - | 75.00 ± 7.07 | 0.80 | 0.75 |"
+    assert table[4] == "| monarch nblocks=4 | 0.5 | 0.500 | 55.00 | - | - | - |"

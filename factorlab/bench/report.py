@@ -128,6 +128,46 @@ def results_table(
     return "\n".join(lines)
 
 
+def comparison_table(
+    results: list[dict[str, Any]], benches: dict[tuple[str, float], dict[str, Any]] | None = None
+) -> str:
+    """The compact view of a methods x tasks sweep (as Table 1 of Gupta et al. 2024): one row
+    per (method, param_ratio), one column per task with its main metric in percent (mean ± std
+    over seeds; ``-`` where that task was not run), the fraction of the model's parameters kept,
+    and, with ``benches``, the latency ratio to dense at each benchmarked batch size.
+    """
+    cells: dict[tuple[str, float], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    kept: dict[tuple[str, float], float] = {}
+    metric_of: dict[str, str] = {}
+    for r in results:
+        if not r.get("task") or not r.get("metrics"):
+            continue
+        key = (method_label(r), r["param_ratio"])
+        main = r.get("main_metric") or next(iter(r["metrics"]))
+        metric_of[r["task"]] = main
+        cells[key][r["task"]].append(100 * r["metrics"][main])
+        p = r["parameters"]
+        kept[key] = p["model_after"] / p["model_before"]
+    tasks = sorted(metric_of)
+    batch_sizes = sorted(
+        {b["batch_size"] for bench in (benches or {}).values() for b in bench["batches"]}
+    )
+    columns = ["method", "param_ratio", "model kept"]
+    columns += [f"{t} {metric_of[t]}" for t in tasks]
+    columns += [f"latency x b{b}" for b in batch_sizes]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for key in sorted(cells, key=lambda k: (k[0] != "dense", -k[1], k[0])):
+        method, ratio = key
+        row = [method, f"{ratio:g}", f"{kept[key]:.3f}"]
+        row += [_mean_std(cells[key][t]) if cells[key][t] else "-" for t in tasks]
+        bench = (benches or {}).get(key)
+        by_batch = {b["batch_size"]: b["latency_ratio"] for b in bench["batches"]} if bench else {}
+        for b in batch_sizes:
+            row.append(f"{by_batch[b]:.2f}" if b in by_batch else "1" if method == "dense" else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def _latency_cell(bench: dict[str, Any] | None, method: str) -> str:
     if bench is None:
         return "1 (dense)" if method == "dense" else "-"
@@ -393,10 +433,11 @@ def _pretrained_model(results: list[dict[str, Any]]) -> Any:
 def write_report(root: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
     """Write ``report.md`` and its PNG plots for every run under ``root``.
 
-    ``report.md`` holds the results table (``results_table``, with latency ratios when benchmarks
-    exist), the latency table (``latency_table``) and the plots: ``metric_<task>.png`` per task,
-    ``latency.png`` (with benchmarks) and ``reconstruction_error.png`` (from the pretrained
-    model named in the runs' config; skipped with a note if it cannot be loaded).
+    ``report.md`` holds, for runs on several tasks, the compact ``comparison_table``; the results
+    table (``results_table``, with latency ratios when benchmarks exist), the latency table
+    (``latency_table``) and the plots: ``metric_<task>.png`` per task, ``latency.png`` (with
+    benchmarks) and ``reconstruction_error.png`` (from the pretrained model named in the runs'
+    config; skipped with a note if it cannot be loaded).
 
     Args:
         root: a sweep folder or any folder holding run folders.
@@ -415,6 +456,13 @@ def write_report(root: str | os.PathLike, output: str | os.PathLike | None = Non
     out.mkdir(parents=True, exist_ok=True)
     benches = collect_benches(root, results)
     lines = [f"# factorlab report: {root}", "", f"{len(results)} runs.", ""]
+    if len({r["task"] for r in results if r.get("task")}) > 1:
+        lines += ["## Comparison", "", comparison_table(results, benches), ""]
+        lines += [
+            "Main dev metric per task in percent (mean ± std over seeds); model kept: fraction "
+            "of the whole model's parameters; latency x: median latency over dense's.",
+            "",
+        ]
     lines += ["## Results", "", results_table(results, benches), ""]
     lines += ["Metrics: mean ± std over seeds, in percent.", ""]
     if benches:

@@ -94,6 +94,21 @@ class StagedSchedule:
         return dataclasses.asdict(self)
 
 
+def check_stageable(config: FactorizationConfig) -> None:
+    """Refuse a method config that a staged schedule would silently change.
+
+    Raises:
+        ConfigError: the autoencoder with ``sharing="stacked"``: its one decoder per matrix type
+            is fitted over all blocks at once, which stages of single blocks cannot keep.
+    """
+    if getattr(config, "sharing", None) == "stacked":
+        raise ConfigError(
+            f"method {config.method!r} with sharing='stacked' fits one decoder over the same "
+            "matrix of ALL blocks, which a staged schedule (a few blocks per stage) cannot "
+            "keep; use sharing='per-matrix' (--option sharing=per-matrix) or drop --staged"
+        )
+
+
 def plan_stages(
     model: nn.Module, config: FactorizationConfig, schedule: StagedSchedule
 ) -> list[list[str]]:
@@ -264,10 +279,11 @@ def finetune_staged(
         stages (modules in model order, the method config as given).
 
     Raises:
-        TargetError / ConfigError: bad targets or groups, or too few steps for the stages; raised
-            before the model is touched.
+        TargetError / ConfigError: bad targets or groups, too few steps for the stages, or a
+            config staging would change (``check_stageable``); raised before the model is touched.
         RuntimeError: an optimizer did not hold exactly the model's trainable parameters (a bug).
     """
+    check_stageable(factorization_config)
     accelerator = accelerator or Accelerator()
     say = log or (lambda _line: None)
     if get_method(factorization_config).needs_calibration and calibrate is None:
