@@ -58,13 +58,14 @@ class BlockFactorLinear(FactorizedLinear):
     their right-hand operand row-major ("NN" GEMM), as ``LowRankLinear`` does. At 4096 tokens
     this measured the same as contiguous factors; at 128 tokens (1 thread) 10-30% faster.
 
-    Subclasses set ``kind``, ``strided_rows`` and register their two factors in ``__init__``
-    (``_empty_factor``).
+    Subclasses set ``kind``, ``strided_rows`` and ``factor_names``.
     """
 
     strided_rows: ClassVar[bool] = False
     """``True``: output block ``jj`` holds rows ``lam * j + jj`` (Monarch); ``False``: rows
     ``jj * l + lam`` (contiguous blocks)."""
+    factor_names: ClassVar[tuple[str, str]]
+    """Attribute (and checkpoint) names of the (left, right) factors."""
 
     def __init__(
         self,
@@ -97,6 +98,9 @@ class BlockFactorLinear(FactorizedLinear):
                 f"{self.block_out}x{self.block_in} block), got {rank!r}"
             )
         self.rank = rank
+        left, right = self.factor_names
+        setattr(self, left, self._empty_factor(self.left_shape))
+        setattr(self, right, self._empty_factor(self.right_shape))
 
     @property
     def right_shape(self) -> tuple[int, int, int]:
@@ -115,8 +119,9 @@ class BlockFactorLinear(FactorizedLinear):
         return nn.Parameter(torch.zeros(shape[0], shape[2], shape[1]).transpose(1, 2))
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(left, right)``: the subclass's two factor parameters."""
-        raise NotImplementedError
+        """``(left, right)``: the two factor parameters."""
+        left, right = self.factor_names
+        return getattr(self, left), getattr(self, right)
 
     @classmethod
     def _from_block_factors(
@@ -246,23 +251,7 @@ class BlockLowRankLinear(BlockFactorLinear):
 
     kind = "block_low_rank"
     strided_rows = False
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        nblocks: int,
-        rank: int,
-        bias: bool = True,
-        source: str = "linear",
-        nblocks_out: int | None = None,
-    ):
-        super().__init__(in_features, out_features, nblocks, rank, bias, source, nblocks_out)
-        self.U = self._empty_factor(self.left_shape)
-        self.V = self._empty_factor(self.right_shape)
-
-    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.U, self.V
+    factor_names = ("U", "V")
 
     @classmethod
     def from_factors(

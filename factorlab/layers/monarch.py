@@ -34,23 +34,7 @@ class MonarchLinear(BlockFactorLinear):
 
     kind = "monarch"
     strided_rows = True
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        nblocks: int,
-        rank: int,
-        bias: bool = True,
-        source: str = "linear",
-        nblocks_out: int | None = None,
-    ):
-        super().__init__(in_features, out_features, nblocks, rank, bias, source, nblocks_out)
-        self.L = self._empty_factor(self.left_shape)
-        self.R = self._empty_factor(self.right_shape)
-
-    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.L, self.R
+    factor_names = ("L", "R")
 
     @classmethod
     def from_factors(

@@ -94,6 +94,15 @@ class AutoencoderConfig(FactorizationConfig):
         if not 0 <= self.holdout_fraction <= 0.5:
             raise ConfigError(f"holdout_fraction must be in [0, 0.5], got {self.holdout_fraction}")
 
+    def staging_problem(self) -> str | None:
+        if self.sharing != "stacked":
+            return None
+        return (
+            "sharing='stacked' fits one decoder over the same matrix of ALL blocks, which a "
+            "staged schedule (a few blocks per stage) cannot keep; use sharing='per-matrix' "
+            "(--option sharing=per-matrix) or drop --staged"
+        )
+
 
 def plan_autoencoder(m: int, n: int, budget: ModuleBudget, config: AutoencoderConfig) -> int | None:
     """The latent size this module would get alone (or its explicit ``rank_pattern`` size);

@@ -62,6 +62,11 @@ class FactorizationConfig:
             if isinstance(value, float) and not 0.0 < value <= 1.0:
                 raise ConfigError(f"rank_pattern[{pattern!r}] = {value}: a ratio must be in (0, 1]")
 
+    def staging_problem(self) -> str | None:
+        """Why a staged schedule (METHODS.md §4: a few blocks projected per stage) would change
+        what this config computes, or ``None`` when it can be staged."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable form, with the method name under ``"method"``."""
         return {"method": self.method, **dataclasses.asdict(self)}

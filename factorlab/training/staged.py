@@ -98,15 +98,12 @@ def check_stageable(config: FactorizationConfig) -> None:
     """Refuse a method config that a staged schedule would silently change.
 
     Raises:
-        ConfigError: the autoencoder with ``sharing="stacked"``: its one decoder per matrix type
-            is fitted over all blocks at once, which stages of single blocks cannot keep.
+        ConfigError: ``config.staging_problem()`` names one (e.g. the autoencoder with
+            ``sharing="stacked"``, whose one decoder per matrix type spans all blocks).
     """
-    if getattr(config, "sharing", None) == "stacked":
-        raise ConfigError(
-            f"method {config.method!r} with sharing='stacked' fits one decoder over the same "
-            "matrix of ALL blocks, which a staged schedule (a few blocks per stage) cannot "
-            "keep; use sharing='per-matrix' (--option sharing=per-matrix) or drop --staged"
-        )
+    problem = config.staging_problem()
+    if problem is not None:
+        raise ConfigError(f"method {config.method!r} cannot be staged: {problem}")
 
 
 def plan_stages(
