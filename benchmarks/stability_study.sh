@@ -13,9 +13,9 @@
 #   interruption only runs what is missing. Each study writes OUT_DIR/<study>/stability.json and
 #   stability.png; the script ends with benchmarks/stability_summary.py's table of its studies.
 #
-# Reduced recipe for a 2-core CPU (the full 3-epoch recipe would take days): the embedded
-# all-MiniLM-L6-v2 (6 blocks, so 6 stages + a final phase), learning rate 1e-4, batch 32, max
-# length 128, warm-up 10%. Epochs per task (override with EPOCHS_HIGH / EPOCHS_LOW; SEEDS=5):
+# Reduced recipe for a 2-core CPU (the full 3-epoch recipe would take ~5 h of one job for the
+# three high-data studies alone, by the times below): the embedded all-MiniLM-L6-v2 (6 blocks,
+# so 6 stages + a final phase), learning rate 1e-4, batch 32, max length 128, warm-up 10%. Epochs per task (override with EPOCHS_HIGH / EPOCHS_LOW; SEEDS=5):
 #   high-data, the full train set: MRPC 2 epochs (230 steps), RTE 1 (78 steps: an RTE step costs
 #     1.7x an MRPC step, and the RTE studies had to fit one session), SST-2 1 (2,105 steps);
 #   low-data, 10% of the train set drawn with each run's seed: RTE and MRPC 6 epochs (48 and 72
@@ -23,8 +23,9 @@
 #
 # Run time, measured on the 2-core machine with OMP_NUM_THREADS=1 and two such jobs at once
 # (train_seconds in each stability.json): per run, simultaneous / staged, rte-high 3.0 / 3.5 min,
-# rte-low 1.8 / 1.9 min, mrpc-high 5.3 / 6.1 min, mrpc-low 1.6 / 2.1 min. The first six studies
-# took ~1.6 h as two parallel jobs:
+# rte-low 1.8 / 1.9 min, mrpc-high 5.3 / 6.1 min, mrpc-low 1.6 / 2.1 min, sst2-low 1.4 / 1.6 min.
+# The RTE and MRPC studies took ~1.6 h as two parallel jobs (mrpc-low was already cached), each
+# SST-2 study ~17 min:
 #   OMP_NUM_THREADS=1 bash benchmarks/stability_study.sh runs/stability rte-high rte-low monarch-rte-high &
 #   OMP_NUM_THREADS=1 bash benchmarks/stability_study.sh runs/stability mrpc-high mrpc-low monarch-rte-low
 set -euo pipefail
