@@ -37,14 +37,13 @@ def describe_data(summary: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     return f"{share} ({examples})"
 
 
-def table(out: Path, studies: list[str]) -> str:
+def table(summaries: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| study | method | train examples | steps | schedule | failed "
         "| dev metric of each seed (%) | mean ± std of the others | train s per run |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for study in studies:
-        summary = load_study(out, study)
+    for study, summary in summaries.items():
         for name, s in summary["schedules"].items():
             runs = s["runs"]
             metrics = ", ".join(f"{100 * r['metric']:.2f}" for r in runs)
@@ -62,17 +61,16 @@ def table(out: Path, studies: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(out: Path, studies: list[str], path: Path) -> None:
+def plot(summaries: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(4, len(studies))
-    rows = math.ceil(len(studies) / cols)
+    cols = min(4, len(summaries))
+    rows = math.ceil(len(summaries) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
-    for ax, study in zip(axes.flat, studies, strict=False):
-        summary = load_study(out, study)
+    for ax, (study, summary) in zip(axes.flat, summaries.items(), strict=False):
         names = list(summary["schedules"])
         values = []
         for x, name in enumerate(names):
@@ -103,7 +101,7 @@ def plot(out: Path, studies: list[str], path: Path) -> None:
         ax.set_xlim(-0.6, len(names) - 0.4)
         ax.set_ylabel(f"dev {summary['main_metric']} (%)", fontsize=8)
         ax.set_title(f"{study} ({summary['method']})", fontsize=9)
-    for ax in axes.flat[len(studies) :]:
+    for ax in axes.flat[len(summaries) :]:
         ax.axis("off")
     fig.suptitle("param_ratio 0.25; dashed: failure threshold", fontsize=9)
     fig.tight_layout()
@@ -119,11 +117,10 @@ def main() -> None:
     parser.add_argument("studies", nargs="+", help="study names, e.g. rte-high mrpc-low")
     parser.add_argument("--plot", type=Path, help="write a PNG with one panel per study here")
     args = parser.parse_args()
-    for study in args.studies:
-        load_study(args.out, study)
-    print(table(args.out, args.studies))
+    summaries = {study: load_study(args.out, study) for study in args.studies}
+    print(table(summaries))
     if args.plot:
-        plot(args.out, args.studies, args.plot)
+        plot(summaries, args.plot)
         print(f"wrote {args.plot}")
 
 

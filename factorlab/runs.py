@@ -206,13 +206,12 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
     timings["load"] = time.perf_counter() - start
     model_before = count_parameters(model)
 
-    report = None
-    staged = config.staged is not None
-    if run.factorization is not None and not staged:
-        statistics = None
-        if run.calibration is not None:
-            start = time.perf_counter()
-            statistics = run_calibration(
+    calibrate = None
+    if run.calibration is not None:
+
+        def calibrate(model: nn.Module, modules: list[str] | None = None) -> dict[str, Any]:
+            """Statistics for the targeted modules, or only ``modules`` (one stage)."""
+            return run_calibration(
                 model,
                 tokenizer,
                 run.factorization,
@@ -220,7 +219,16 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
                 config.data_dir,
                 training.max_seq_length,
                 progress=progress,
+                modules=modules,
             )
+
+    report = None
+    staged = config.staged is not None
+    if run.factorization is not None and not staged:
+        statistics = None
+        if calibrate is not None:
+            start = time.perf_counter()
+            statistics = calibrate(model)
             timings["calibration"] = time.perf_counter() - start
         start = time.perf_counter()
         report = factorize_(model, run.factorization, statistics)
@@ -252,21 +260,6 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
         timings["data"] = time.perf_counter() - start
         if staged:
             assert run.factorization is not None and config.staged is not None
-            calibrate = None
-            if run.calibration is not None:
-
-                def calibrate(model: nn.Module, modules: list[str]) -> dict[str, Any]:
-                    return run_calibration(
-                        model,
-                        tokenizer,
-                        run.factorization,
-                        run.calibration,
-                        config.data_dir,
-                        training.max_seq_length,
-                        progress=progress,
-                        modules=modules,
-                    )
-
             result, report = finetune_staged(
                 model,
                 run.factorization,
