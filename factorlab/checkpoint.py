@@ -98,6 +98,7 @@ def save(
         The directory path.
     """
     spec = build_spec(model, method)
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it
     with atomic_directory(directory) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and model.can_generate():

@@ -15,32 +15,45 @@ from factorlab.errors import FactorlabError
 EXIT_USAGE = 2
 
 
-def _add_training_args(parser: argparse.ArgumentParser, seed: bool = True) -> None:
+TRAINING_FLAGS = {  # TrainingConfig field -> help (its default is appended)
+    "epochs": "passes over the training set",
+    "learning_rate": "peak AdamW learning rate",
+    "batch_size": "examples per optimizer step over all processes",
+    "gradient_accumulation_steps": "micro-batches per optimizer step on each process (the batch "
+    "size stays the examples per step)",
+    "eval_batch_size": "examples per evaluation batch",
+    "max_seq_length": "tokens per example",
+    "warmup_ratio": "fraction of the steps warming the learning rate up",
+    "weight_decay": "AdamW weight decay (not on biases and norms)",
+}
+
+
+def _add_training_args(
+    parser: argparse.ArgumentParser, seed: bool = True, distill: bool = True
+) -> None:
     from factorlab.training import TrainingConfig
 
     d = TrainingConfig()
     g = parser.add_argument_group("fine-tuning (with --task)")
     g.add_argument("--task", help="GLUE task to fine-tune and evaluate on (sst2, mrpc, rte, ...)")
     g.add_argument("--data-dir", help="GLUE folder (<dir>/SST-2/train.tsv ...); default: $GLUE_DIR")
-    g.add_argument("--epochs", type=float, default=d.epochs, help=f"default {d.epochs}")
     g.add_argument("--max-steps", type=int, help="optimizer steps, overrides --epochs")
+    for name, text in (
+        TRAINING_FLAGS | ({"seed": "seeds head, data order, dropout"} if seed else {})
+    ).items():
+        value = getattr(d, name)
+        g.add_argument(
+            "--" + name.replace("_", "-"),
+            type=type(value),
+            default=value,
+            help=f"{text}, default {value}",
+        )
     g.add_argument(
-        "--learning-rate", type=float, default=d.learning_rate, help=f"default {d.learning_rate}"
+        "--factor-weight-decay",
+        type=float,
+        help="weight decay of factor matrices (a nuclear-norm-like penalty on their product), "
+        "default: --weight-decay",
     )
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    g.add_argument(
-        "--max-seq-length",
-        type=int,
-        default=d.max_seq_length,
-        help=f"tokens, default {d.max_seq_length}",
-    )
-    g.add_argument(
-        "--warmup-ratio", type=float, default=d.warmup_ratio, help=f"default {d.warmup_ratio}"
-    )
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    if seed:
-        g.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     g.add_argument(
         "--train-samples", type=int, help="train on a seeded random subset of this many examples"
     )
@@ -50,24 +63,55 @@ def _add_training_args(parser: argparse.ArgumentParser, seed: bool = True) -> No
         help="train on a seeded random subset of this fraction of the examples, in (0, 1]",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if not distill:
+        return
+    g = parser.add_argument_group("distillation from a teacher (METHODS.md §10)")
+    g.add_argument(
+        "--teacher",
+        help="folder of a model fine-tuned on the task (e.g. a `factorlab finetune` output)",
+    )
+    g.add_argument(
+        "--distill-alpha",
+        type=float,
+        help="weight of the distillation loss; the task loss gets 1 - alpha; default 0.5",
+    )
+    g.add_argument(
+        "--distill-temperature", type=float, help="softmax temperature of the KL term, default 2"
+    )
+    g.add_argument(
+        "--distill-hidden",
+        type=float,
+        help="weight of the per-block hidden-state MSE (same depth and width), default 0 (off)",
+    )
+
+
+def _distillation(args: argparse.Namespace) -> Any:
+    from factorlab.training import DistillationConfig
+
+    options = {
+        key: value
+        for key, value in (
+            ("alpha", args.distill_alpha),
+            ("temperature", args.distill_temperature),
+            ("hidden_weight", args.distill_hidden),
+        )
+        if value is not None
+    }
+    if args.teacher is None:
+        if options:
+            raise _usage(
+                "--distill-alpha, --distill-temperature and --distill-hidden need --teacher"
+            )
+        return None
+    return DistillationConfig(teacher=args.teacher, **options)
 
 
 def _training_config(args: argparse.Namespace) -> Any:
     from factorlab.training import TrainingConfig
 
-    return TrainingConfig(
-        learning_rate=args.learning_rate,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size,
-        max_seq_length=args.max_seq_length,
-        warmup_ratio=args.warmup_ratio,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        train_samples=args.train_samples,
-        train_fraction=args.train_fraction,
-    )
+    fields = [*TRAINING_FLAGS, "seed", "max_steps", "factor_weight_decay"]
+    fields += ["train_samples", "train_fraction"]
+    return TrainingConfig(**{name: getattr(args, name) for name in fields})
 
 
 def _add_staged_args(parser: argparse.ArgumentParser) -> None:
@@ -178,6 +222,8 @@ def _print_summary(results: dict[str, Any], output: str) -> None:
         ("method", results["method"]),
         ("param_ratio", f"{results['param_ratio']}"),
         ("schedule", results.get("schedule") or "-"),
+        ("distillation", _describe_distillation(results["train"].get("distillation"))),
+        ("processes", str(results["train"].get("num_processes", "-"))),
         ("task", results["task"] or "-"),
         ("metrics", metrics),
         ("targeted params", f"{p['targeted_before']:,} -> {p['targeted_after']:,}"),
@@ -187,6 +233,15 @@ def _print_summary(results: dict[str, Any], output: str) -> None:
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+
+
+def _describe_distillation(distillation: dict[str, Any] | None) -> str:
+    if not distillation:
+        return "-"
+    return (
+        f"from {distillation['teacher']} (alpha {distillation['alpha']}, "
+        f"T {distillation['temperature']}, hidden {distillation['hidden_weight']})"
+    )
 
 
 def cmd_compress(args: argparse.Namespace, method: str | None) -> int:
@@ -202,10 +257,14 @@ def cmd_compress(args: argparse.Namespace, method: str | None) -> int:
         training=_training_config(args),
         staged=_staged_schedule(args, args.staged) if method else None,
         calibration=_calibration(args) if method else None,
+        distillation=_distillation(args),
     )
     run = prepare_run(config, overwrite=args.overwrite)
     results = execute(run, progress=not args.no_progress)
-    _print_summary(results, args.output)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        _print_summary(results, args.output)
     return 0
 
 
@@ -413,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", help="study folder (default runs/stability/<task>-<method>-<ratio>[-frac<f>])"
     )
     _add_staged_args(p)
-    _add_training_args(p, seed=False)
+    _add_training_args(p, seed=False, distill=False)
     p.set_defaults(func=cmd_stability, target_modules=None, target_regex=None, exclude_modules=None)
 
     p = sub.add_parser("finetune", help="fine-tune a dense model (the baseline)")

@@ -17,31 +17,42 @@ import torch
 import transformers
 from accelerate import Accelerator
 from torch import nn
+from transformers import AutoConfig
 
 from factorlab.calibration import CalibrationConfig, resolve_calibration, run_calibration
-from factorlab.checkpoint import save
-from factorlab.errors import ConfigError, OutputExistsError
+from factorlab.checkpoint import is_checkpoint, read_spec, save
+from factorlab.errors import ConfigError, DataError, OutputExistsError
 from factorlab.methods import (
     FactorizationConfig,
     count_parameters,
-    factorize_,
     make_config,
 )
 from factorlab.models import default_model_path, load_model, load_tokenizer, resolve_model
 from factorlab.targets import select_targets
 from factorlab.tasks import GlueSplit, GlueTask, check_task_available, get_task, load_split
 from factorlab.training import (
+    DistillationConfig,
     EncodedSplit,
+    Objective,
+    Simultaneous,
     StagedSchedule,
+    StagedTrainResult,
     TrainingConfig,
-    check_stageable,
+    TrainingJob,
+    check_teacher,
     evaluate,
-    finetune_staged,
+    micro_batch_size,
     seed_everything,
-    train,
 )
 
 RESULTS_FILE = "results.json"
+LATER_TRAINING_DEFAULTS = {
+    "train_fraction": None,
+    "gradient_accumulation_steps": 1,
+    "factor_weight_decay": None,
+}
+"""``TrainingConfig`` fields added after runs were first cached, with the default that earlier
+runs implicitly used; left out of ``RunConfig.to_dict`` at that default."""
 
 
 @dataclass
@@ -60,6 +71,8 @@ class RunConfig:
             a method); ``None``: project everything at once, then fine-tune ("simultaneous").
         calibration: data for methods that need statistics (fwsvd, act-svd), collected after
             loading and before factorizing; ``None``: the run's task, if the method needs any.
+        distillation: fine-tune with distillation from a teacher (METHODS.md §10; needs a
+            task); ``None``: the task loss alone.
     """
 
     output: str
@@ -71,13 +84,16 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     staged: StagedSchedule | None = None
     calibration: CalibrationConfig | None = None
+    distillation: DistillationConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """What the run computes (not where it is written). Options added later (``staged``,
-        ``training.train_fraction``) appear only when set, so earlier runs' configs still match."""
+        ``distillation``, training fields such as ``train_fraction``) appear only when they differ
+        from their default, so earlier runs' configs (and sweep hashes) still match."""
         training = asdict(self.training)
-        if training.get("train_fraction") is None:
-            training.pop("train_fraction", None)
+        for key, default in LATER_TRAINING_DEFAULTS.items():
+            if training.get(key) == default:
+                training.pop(key, None)
         out = {
             "model": self.model or "embedded:all-MiniLM-L6-v2",
             "task": self.task,
@@ -89,18 +105,21 @@ class RunConfig:
             out["staged"] = self.staged.to_dict()
         if self.calibration is not None:
             out["calibration"] = self.calibration.to_dict()
+        if self.distillation is not None:
+            out["distillation"] = self.distillation.to_dict()
         return out
 
 
 @dataclass
 class PreparedRun:
-    """A validated ``RunConfig``: resolved model path, task and factorization config."""
+    """A validated ``RunConfig``: resolved model path, task, factorization config, schedule."""
 
     config: RunConfig
     model_path: str
     task: GlueTask | None
     factorization: FactorizationConfig | None
     calibration: CalibrationConfig | None = None
+    schedule: Simultaneous | StagedSchedule = field(default_factory=Simultaneous)
 
 
 def check_output(output: str | Path, config: dict[str, Any], overwrite: bool) -> None:
@@ -140,16 +159,16 @@ def prepare_run(config: RunConfig, overwrite: bool = False) -> PreparedRun:
     """
     factorization = make_config(config.method, **config.method_options) if config.method else None
     task = get_task(config.task) if config.task else None
-    if config.staged is not None and (task is None or factorization is None):
-        raise ConfigError(
-            "staged factorization fine-tunes between stages: it needs a task (--task) and a "
-            "method (not the dense baseline)"
-        )
-    if config.staged is not None and factorization is not None:
-        check_stageable(factorization)
+    schedule = config.staged if config.staged is not None else Simultaneous()
+    schedule.check(factorization, task is not None)
     if task is not None:
         check_task_available(task, config.data_dir)
+        # Accelerator(), not a bare PartialState(): that would ignore ACCELERATE_USE_CPU and,
+        # being shared, fix one process for the whole launch
+        micro_batch_size(config.training, Accelerator().num_processes)
     model_path = resolve_model(config.model)
+    if config.distillation is not None:
+        check_distillation(config.distillation, task, model_path)
     calibration = resolve_calibration(
         config.calibration,
         config.method,
@@ -158,7 +177,29 @@ def prepare_run(config: RunConfig, overwrite: bool = False) -> PreparedRun:
         model_path,
     )
     check_output(config.output, config.to_dict(), overwrite)
-    return PreparedRun(config, model_path, task, factorization, calibration)
+    return PreparedRun(config, model_path, task, factorization, calibration, schedule)
+
+
+def check_distillation(
+    distillation: DistillationConfig, task: GlueTask | None, student_path: str
+) -> None:
+    """Refuse a distillation setting that cannot work, from the model configs alone.
+
+    Raises:
+        ConfigError: no task, or a teacher that does not fit (``check_teacher``).
+        DataError: the teacher folder is missing or is not a model.
+    """
+    if task is None:
+        raise ConfigError("distillation trains on a task: give --task with --teacher")
+    teacher_path = resolve_model(distillation.teacher)
+    try:
+        teacher_config = AutoConfig.from_pretrained(teacher_path)
+        student_config = AutoConfig.from_pretrained(student_path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read the config of teacher {teacher_path}: {exc}") from exc
+    if is_checkpoint(teacher_path):  # the spec names the class that was saved
+        teacher_config.architectures = [read_spec(teacher_path)["architecture"]]
+    check_teacher(teacher_config, student_config, distillation, task.num_labels)
 
 
 def training_split(task: GlueTask, data_dir: str | None, training: TrainingConfig) -> GlueSplit:
@@ -183,17 +224,33 @@ def versions() -> dict[str, str]:
     }
 
 
+def load_objective(run: PreparedRun, accelerator: Accelerator) -> Objective:
+    """The run's loss: its task loss, with distillation from the teacher when configured."""
+    task, distillation = run.task, run.config.distillation
+    assert task is not None
+    if distillation is None:
+        return Objective(task.is_regression)
+    teacher = load_model(distillation.teacher, task.num_labels, task.is_regression)
+    return Objective(task.is_regression, distillation, teacher).to(accelerator.device)
+
+
 def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[str, Any]:
     """Run a prepared run and save it; returns the ``results.json`` content.
 
     ``results.json`` holds ``method``, ``param_ratio``, ``seed``, ``task``, ``model``,
     ``parameters`` {targeted_before, targeted_after, model_before, model_after}, ``metrics``
-    (fractions), ``timings`` (seconds per phase), ``versions``, ``factorization`` (per-module
-    report) and the full ``config``.
+    (fractions), ``train`` (steps, examples, processes, losses, loss components, optimizer groups,
+    callback state, distillation), ``timings`` (seconds per phase), ``versions``,
+    ``factorization`` (per-module report) and the full ``config``.
+
+    On several processes every process trains and evaluates its shard; only the main process
+    logs and writes the run folder (the others wait for it).
     """
     config, task, training = run.config, run.task, run.config.training
     timings: dict[str, float] = {}
     accelerator = Accelerator()
+    main = accelerator.is_main_process
+    say = log if main else (lambda _line: None)
 
     start = time.perf_counter()
     seed_everything(training.seed)
@@ -205,6 +262,11 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
     tokenizer = load_tokenizer(run.model_path)
     timings["load"] = time.perf_counter() - start
     model_before = count_parameters(model)
+    targeted_before = 0
+    if run.factorization is None:
+        targeted_before = sum(
+            sum(p.numel() for p in t.module.parameters()) for t in select_targets(model)
+        )
 
     calibrate = None
     if run.calibration is not None:
@@ -218,35 +280,11 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
                 run.calibration,
                 config.data_dir,
                 training.max_seq_length,
-                progress=progress,
+                progress=progress and main,
                 modules=modules,
             )
 
-    report = None
-    staged = config.staged is not None
-    if run.factorization is not None and not staged:
-        statistics = None
-        if calibrate is not None:
-            start = time.perf_counter()
-            statistics = calibrate(model)
-            timings["calibration"] = time.perf_counter() - start
-        start = time.perf_counter()
-        report = factorize_(model, run.factorization, statistics)
-        timings["factorize"] = time.perf_counter() - start
-        targeted_before, targeted_after = report.targeted_before, report.targeted_after
-        log(
-            f"factorized {len(report.modules)} modules with {report.method}: "
-            f"{targeted_before:,} -> {targeted_after:,} targeted parameters "
-            f"({report.kept_ratio:.3f} kept)"
-        )
-    elif run.factorization is None:
-        targeted_before = sum(
-            sum(p.numel() for p in t.module.parameters()) for t in select_targets(model)
-        )
-        targeted_after = targeted_before
-
-    metrics: dict[str, float] = {}
-    train_info: dict[str, Any] = {}
+    job, eval_data = None, {}
     if task is not None:
         start = time.perf_counter()
         train_split = training_split(task, config.data_dir, training)
@@ -257,32 +295,43 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
             )
             for split in task.eval_splits
         }
+        objective = load_objective(run, accelerator)
         timings["data"] = time.perf_counter() - start
-        if staged:
-            assert run.factorization is not None and config.staged is not None
-            result, report = finetune_staged(
-                model,
-                run.factorization,
-                config.staged,
-                train_data,
-                tokenizer,
-                training,
-                accelerator=accelerator,
-                progress=progress,
-                log=log,
-                calibrate=calibrate,
-            )
-            targeted_before, targeted_after = report.targeted_before, report.targeted_after
-            timings["factorize"] = sum(s.factorize_seconds for s in result.stages)
-        else:
-            result = train(
-                model, train_data, tokenizer, training, accelerator=accelerator, progress=progress
-            )
+        job = TrainingJob(
+            train_data, tokenizer, training, accelerator, objective, progress=progress, log=say
+        )
+
+    outcome = run.schedule.run(model, run.factorization, job, calibrate)
+    model, report = outcome.model, outcome.report
+    timings.update(outcome.timings)
+    targeted_after = targeted_before
+    if report is not None:
+        targeted_before, targeted_after = report.targeted_before, report.targeted_after
+        say(
+            f"factorized {len(report.modules)} modules with {report.method}: "
+            f"{targeted_before:,} -> {targeted_after:,} targeted parameters "
+            f"({report.kept_ratio:.3f} kept)"
+        )
+
+    metrics: dict[str, float] = {}
+    train_info: dict[str, Any] = {}
+    if outcome.train is not None:
+        result = outcome.train
         timings["train"] = result.seconds
-        train_info = {"steps": result.steps, "examples": len(train_data), "losses": result.losses}
-        if staged:
+        train_info = {
+            "steps": result.steps,
+            "examples": result.examples,
+            "examples_per_step": result.examples / max(1, result.steps),
+            "num_processes": result.num_processes,
+            "gradient_accumulation_steps": training.gradient_accumulation_steps,
+            "losses": result.losses,
+            "loss_parts": result.loss_parts,
+            "optimizer": result.optimizer,
+            "distillation": config.distillation.to_dict() if config.distillation else None,
+            "state": result.state,
+        }
+        if isinstance(result, StagedTrainResult):
             train_info["stages"] = [s.to_dict() for s in result.stages]
-        model = accelerator.unwrap_model(model)
         start = time.perf_counter()
         for i, (split, data) in enumerate(eval_data.items()):
             scores = evaluate(model, data, tokenizer, training.eval_batch_size, accelerator)
@@ -293,7 +342,7 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
         "method": config.method or "dense",
         "param_ratio": run.factorization.param_ratio if run.factorization else 1.0,
         "seed": training.seed,
-        "schedule": None if run.factorization is None else "staged" if staged else "simultaneous",
+        "schedule": None if run.factorization is None else run.schedule.name,
         "task": task.name if task else None,
         "model": config.model or f"embedded:all-MiniLM-L6-v2 ({default_model_path()})",
         "parameters": {
@@ -313,5 +362,7 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
     }
     model.eval()
     method = run.factorization.to_dict() if run.factorization else None
-    save(model, config.output, tokenizer, method=method, extra_files={RESULTS_FILE: results})
+    if main:
+        save(model, config.output, tokenizer, method=method, extra_files={RESULTS_FILE: results})
+    accelerator.wait_for_everyone()
     return results

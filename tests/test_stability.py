@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 import factorlab.stability as stability
 from factorlab.cli import main
@@ -15,15 +14,7 @@ from factorlab.stability import StabilityStudy, constant_baselines, is_failed, s
 from factorlab.training import TrainingConfig
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_is_failed_with_hand_made_metrics():

@@ -11,12 +11,9 @@ from accelerate import Accelerator
 from factorlab.cli import main
 from factorlab.errors import ConfigError
 from factorlab.methods import METHODS, LowRankConfig, factorized_modules, get_method, make_config
-from factorlab.models import default_model_path, load_tokenizer
 from factorlab.runs import RunConfig, execute, prepare_run
 from factorlab.targets import group_by_block, select_targets
-from factorlab.tasks import get_task, load_split
 from factorlab.training import (
-    EncodedSplit,
     StagedSchedule,
     TrainingConfig,
     finetune_staged,
@@ -26,6 +23,8 @@ from factorlab.training import (
 )
 from factorlab.training import finetune as finetune_module
 from tests.tiny import tiny_bert, tiny_gpt2
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MATRICES = [
     "attention.self.query",
@@ -39,26 +38,6 @@ MATRICES = [
 
 def block(i: int) -> list[str]:
     return [f"bert.encoder.layer.{i}.{m}" for m in MATRICES]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(default_model_path())
-
-
-@pytest.fixture(scope="module")
-def rte_train(tokenizer, tiny_glue_dir) -> EncodedSplit:
-    """32 RTE-format examples; batch 8 -> 4 steps per epoch."""
-    return EncodedSplit(load_split(get_task("rte"), "train", tiny_glue_dir), tokenizer, 32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (4x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def bert4(tokenizer):
@@ -242,8 +221,8 @@ def count_optimizer_steps(monkeypatch) -> list[int]:
     counter = [0]
     make = finetune_module.make_optimizer
 
-    def counting(model, config):
-        optimizer = make(model, config)
+    def counting(*args, **kwargs):
+        optimizer = make(*args, **kwargs)
         optimizer.register_step_post_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
         return optimizer
 

@@ -1,15 +1,20 @@
-"""Fine-tuning on accelerate, evaluation, and schedules (staged factorization)."""
+"""The training engine on accelerate: the loop with callbacks, losses (task + distillation),
+evaluation, and schedules (simultaneous, staged factorization)."""
 
+from factorlab.training.callbacks import Callback, CallbackList, TrainContext
 from factorlab.training.data import EncodedSplit, make_loader
 from factorlab.training.finetune import (
     TrainingConfig,
     TrainResult,
     evaluate,
     make_optimizer,
+    micro_batch_size,
     predict,
     seed_everything,
     train,
 )
+from factorlab.training.losses import DistillationConfig, Objective, check_teacher
+from factorlab.training.schedules import ScheduleResult, Simultaneous, TrainingJob
 from factorlab.training.staged import (
     StagedSchedule,
     StagedTrainResult,
@@ -21,17 +26,27 @@ from factorlab.training.staged import (
 )
 
 __all__ = [
+    "Callback",
+    "CallbackList",
+    "DistillationConfig",
     "EncodedSplit",
+    "Objective",
+    "ScheduleResult",
+    "Simultaneous",
     "StageInfo",
     "StagedSchedule",
     "StagedTrainResult",
+    "TrainContext",
     "TrainResult",
     "TrainingConfig",
+    "TrainingJob",
     "check_stageable",
+    "check_teacher",
     "evaluate",
     "finetune_staged",
     "make_loader",
     "make_optimizer",
+    "micro_batch_size",
     "plan_stages",
     "predict",
     "seed_everything",

@@ -30,19 +30,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import torch
 from accelerate import Accelerator
 from torch import nn
 
 from factorlab.errors import ConfigError
 from factorlab.methods import FactorizationConfig, FactorizationReport, factorize_, get_method
 from factorlab.targets import budget_for, group_by_block, select_targets
+from factorlab.training.callbacks import Callback, TrainContext
 from factorlab.training.data import EncodedSplit
 from factorlab.training.finetune import TrainingConfig, TrainResult, train
+from factorlab.training.losses import Objective
+from factorlab.training.schedules import ScheduleResult, TrainingJob
 
 ORDERS = ("top-down", "bottom-up")
 
@@ -89,9 +91,52 @@ class StagedSchedule:
                 )
             self.groups = [g if isinstance(g, str) else list(g) for g in self.groups]
 
+    name: ClassVar[str] = "staged"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable form (stored in a run's config, so caching and reruns see it)."""
         return dataclasses.asdict(self)
+
+    def check(self, factorization: FactorizationConfig | None, has_task: bool) -> None:
+        """Refuse what this schedule cannot run, before any work.
+
+        Raises:
+            ConfigError: no task or no method (nothing to fine-tune between stages), or a
+                method config staging would change (``check_stageable``).
+        """
+        if not has_task or factorization is None:
+            raise ConfigError(
+                "staged factorization fine-tunes between stages: it needs a task (--task) and a "
+                "method (not the dense baseline)"
+            )
+        check_stageable(factorization)
+
+    def run(
+        self,
+        model: nn.Module,
+        factorization: FactorizationConfig | None,
+        job: TrainingJob | None,
+        calibrate: Callable[..., dict[str, Any]] | None = None,
+    ) -> ScheduleResult:
+        """Factorize and fine-tune stage by stage (``finetune_staged``)."""
+        self.check(factorization, job is not None)
+        assert factorization is not None and job is not None
+        result, report = finetune_staged(
+            model,
+            factorization,
+            self,
+            job.dataset,
+            job.tokenizer,
+            job.config,
+            accelerator=job.accelerator,
+            progress=job.progress,
+            log=job.log,
+            calibrate=calibrate,
+            objective=job.objective,
+            callbacks=job.callbacks,
+        )
+        factorize = sum(s.factorize_seconds for s in result.stages)
+        return ScheduleResult(model, report, result, {"factorize": factorize})
 
 
 def check_stageable(config: FactorizationConfig) -> None:
@@ -217,23 +262,24 @@ class StagedTrainResult(TrainResult):
     stages: list[StageInfo] = field(default_factory=list)
 
 
-def _optimizer_check(model: nn.Module, info: StageInfo) -> Callable[[torch.optim.Optimizer], None]:
-    """A ``train`` hook that records the optimizer's parameters in ``info`` and raises unless
-    they are exactly ``model``'s trainable parameters (none stale, none missing)."""
-    expected = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+class OptimizerCheck(Callback):
+    """Records the optimizer's parameters in ``info`` at the start of a phase and raises unless
+    they are exactly the model's trainable parameters (none stale, none missing)."""
 
-    def check(optimizer: torch.optim.Optimizer) -> None:
-        held = [p for group in optimizer.param_groups for p in group["params"]]
+    def __init__(self, info: StageInfo):
+        self.info = info
+
+    def on_train_begin(self, ctx: TrainContext) -> None:
+        expected = {id(p): n for n, p in ctx.model.named_parameters() if p.requires_grad}
+        held = [p for group in ctx.optimizer.param_groups for p in group["params"]]
         names = [expected.get(id(p)) for p in held]
         if None in names or len(set(names)) != len(expected) or len(names) != len(expected):
             raise RuntimeError(
-                f"stage {info.index}: the optimizer holds {len(held)} tensors, "
+                f"stage {self.info.index}: the optimizer holds {len(held)} tensors, "
                 f"{names.count(None)} of them not in the model, but the model has "
                 f"{len(expected)} trainable tensors"
             )
-        info.optimizer_params = sorted(n for n in names if n is not None)
-
-    return check
+        self.info.optimizer_params = sorted(n for n in names if n is not None)
 
 
 def finetune_staged(
@@ -248,6 +294,8 @@ def finetune_staged(
     log: Callable[[str], None] | None = None,
     on_phase_end: Callable[[StageInfo, nn.Module], None] | None = None,
     calibrate: Callable[[nn.Module, list[str]], dict[str, Any]] | None = None,
+    objective: Objective | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> tuple[StagedTrainResult, FactorizationReport]:
     """Factorize ``model`` stage by stage, fine-tuning the whole model after each stage.
 
@@ -270,6 +318,8 @@ def finetune_staged(
         calibrate: for data-aware methods: ``(model, stage module names) -> {name: statistics}``,
             called before each stage's projection, so the statistics describe the current
             (already fine-tuned, partly factorized) model.
+        objective / callbacks: as for ``train``, shared by every phase (a callback's hooks run
+            once per phase: ``on_train_begin`` and ``on_train_end`` too).
 
     Returns:
         ``(result, report)``: per-phase information, and one ``FactorizationReport`` over all
@@ -301,6 +351,7 @@ def finetune_staged(
 
     reports: list[FactorizationReport] = []
     phases: list[StageInfo] = []
+    phase_results: list[TrainResult] = []
     done = 0
     for index, (modules, phase_steps) in enumerate(zip([*stages, []], steps, strict=True), start=1):
         model = accelerator.unwrap_model(model)
@@ -323,9 +374,11 @@ def finetune_staged(
             progress=progress,
             description=label,
             skip_steps=done,
-            optimizer_hook=_optimizer_check(model, info),
+            objective=objective,
+            callbacks=[OptimizerCheck(info), *callbacks],
         )
         done += phase_steps
+        phase_results.append(result)
         info.train_seconds, info.losses = result.seconds, result.losses
         phases.append(info)
         say(
@@ -347,6 +400,11 @@ def finetune_staged(
         steps=sum(p.steps for p in phases),
         seconds=sum(p.train_seconds for p in phases),
         losses=[loss for p in phases for loss in p.losses],
+        examples=sum(r.examples for r in phase_results),
+        num_processes=phase_results[-1].num_processes,
+        loss_parts=phase_results[-1].loss_parts,
+        optimizer=phase_results[-1].optimizer,
+        state=phase_results[-1].state,
         stages=phases,
     )
     return result, merged
