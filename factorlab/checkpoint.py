@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from factorlab.errors import CheckpointError, DataError
-from factorlab.io import atomic_directory, write_json_atomic
+from factorlab.io import atomic_directory, fix_mode, write_json_atomic
 from factorlab.layers.base import FactorizedLinear, build_shared_module
 from factorlab.methods.apply import factorized_modules
 
@@ -107,18 +108,92 @@ def save(
             tokenizer.save_pretrained(tmp)
         weights = FACTORIZED_WEIGHTS if spec["modules"] else DENSE_WEIGHTS
         save_model(model, str(tmp / weights), metadata={"format": "pt"})
+        fix_mode(tmp / weights)  # safetensors writes it 0600; the rest of the run is 0644
         write_json_atomic(tmp / SPEC_FILE, spec)
         for name, data in (extra_files or {}).items():
             write_json_atomic(tmp / name, data)
     return Path(directory)
 
 
+def model_classes() -> frozenset[str]:
+    """The Hugging Face model classes a checkpoint may name: every class in the Auto* mappings
+    of the installed transformers (``BertForSequenceClassification``, ``LlamaForCausalLM``...).
+    A checkpoint's ``architecture`` is looked up in this allowlist, never with ``getattr`` on an
+    arbitrary string."""
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for key in dir(modeling_auto):
+        if key.endswith("_MAPPING_NAMES"):
+            for value in getattr(modeling_auto, key).values():
+                names.update([value] if isinstance(value, str) else value)
+    return frozenset(names)
+
+
+def _spec_problem(spec: Any) -> str | None:
+    """What is wrong with a parsed spec's fields (types, known names), or ``None``."""
+    from factorlab.layers.base import LAYER_TYPES, SHARED_MODULE_TYPES
+    from factorlab.methods import METHODS
+
+    if not isinstance(spec, dict):
+        return f"the spec is a {type(spec).__name__}, not a JSON object"
+    required = {
+        "schema_version": int,
+        "factorlab_version": str,
+        "architecture": str,
+        "modules": dict,
+    }
+    for key, kind in required.items():
+        if key not in spec:
+            return f"the field {key!r} is missing"
+        if not isinstance(spec[key], kind) or isinstance(spec[key], bool):
+            return f"{key!r} must be a {kind.__name__}, got {spec[key]!r}"
+    if spec["architecture"] not in model_classes():
+        return (
+            f"architecture {spec['architecture']!r} is not a model class of transformers "
+            f"{transformers.__version__}"
+        )
+    if spec.get("model_type") is not None and not isinstance(spec["model_type"], str):
+        return f"'model_type' must be a string, got {spec['model_type']!r}"
+    method = spec.get("method")
+    if method is not None and not (
+        isinstance(method, dict) and isinstance(method.get("method"), str)
+    ):
+        return f"'method' must be null or an object with a 'method' name, got {method!r}"
+    if method is not None and method["method"] not in METHODS:
+        return (
+            f"method {method['method']!r} is unknown to this factorlab (it knows "
+            f"{', '.join(sorted(METHODS))})"
+        )
+    shared = spec.get("shared_modules", {})
+    if not isinstance(shared, dict) or any(
+        not isinstance(v, dict) or v.get("kind") not in SHARED_MODULE_TYPES for v in shared.values()
+    ):
+        return f"'shared_modules' must map names to specs of {sorted(SHARED_MODULE_TYPES)}"
+    for name, layer in spec["modules"].items():
+        if not isinstance(layer, dict):
+            return f"module {name!r}: its spec must be an object, got {layer!r}"
+        if layer.get("kind") not in LAYER_TYPES:
+            return f"module {name!r}: unknown layer kind {layer.get('kind')!r}"
+        for key in ("in_features", "out_features"):
+            value = layer.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                return f"module {name!r}: {key!r} must be an int >= 1, got {value!r}"
+        if not isinstance(layer.get("bias"), bool):
+            return f"module {name!r}: 'bias' must be true or false, got {layer.get('bias')!r}"
+        if layer.get("source", "linear") not in ("linear", "conv1d"):
+            return f"module {name!r}: 'source' must be 'linear' or 'conv1d'"
+    return None
+
+
 def read_spec(directory: str | os.PathLike) -> dict[str, Any]:
-    """The spec of a factorlab checkpoint (``factorlab.json``), validated.
+    """The spec of a factorlab checkpoint (``factorlab.json``), validated field by field.
 
     Raises:
         DataError: the directory or its spec file is missing.
-        CheckpointError: unreadable JSON or an unknown schema version.
+        CheckpointError: unreadable JSON, an unknown schema version, or a field that is missing,
+            of the wrong type, or names something this version does not know (an architecture
+            outside ``model_classes()``, an unknown method or layer kind).
     """
     path = Path(directory) / SPEC_FILE
     if not path.is_file():
@@ -128,17 +203,48 @@ def read_spec(directory: str | os.PathLike) -> dict[str, Any]:
         )
     try:
         spec = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(
             f"{path} is not valid JSON ({exc}); the checkpoint is damaged"
         ) from exc
-    if spec.get("schema_version") != SCHEMA_VERSION:
+    if isinstance(spec, dict) and spec.get("schema_version") != SCHEMA_VERSION:
         raise CheckpointError(
             f"{path} has schema_version {spec.get('schema_version')!r}; this factorlab reads "
             f"version {SCHEMA_VERSION}. Use the factorlab version that wrote it "
             f"({spec.get('factorlab_version')})."
         )
+    problem = _spec_problem(spec)
+    if problem is not None:
+        raise CheckpointError(
+            f"{path} is not a valid factorlab spec: {problem}. The checkpoint is damaged or was "
+            "written by another factorlab version; save it again."
+        )
+    with torch.device("meta"):  # every layer spec builds (shapes only, no memory)
+        shared = {k: build_shared_module(v) for k, v in spec.get("shared_modules", {}).items()}
+        for layer_spec in spec["modules"].values():
+            FactorizedLinear.from_spec(layer_spec, shared)
     return spec
+
+
+def check_weights(directory: str | os.PathLike, spec: dict[str, Any]) -> Path:
+    """The checkpoint's weights file, after checking that it exists and that its safetensors
+    header reads (a truncated or foreign file fails here, not deep inside loading).
+
+    Raises:
+        DataError: the weights file is missing. CheckpointError: it is not a safetensors file.
+    """
+    weights = Path(directory) / (FACTORIZED_WEIGHTS if spec["modules"] else DENSE_WEIGHTS)
+    if not weights.is_file():
+        raise DataError(f"{weights} is missing; the checkpoint is incomplete")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"{weights} is not a readable safetensors file ({exc}); the checkpoint is damaged "
+            "or was cut short. Save it again."
+        ) from exc
+    return weights
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -161,12 +267,12 @@ def load(directory: str | os.PathLike, device: str | torch.device | None = None)
     """
     directory = Path(directory)
     spec = read_spec(directory)
-    config = AutoConfig.from_pretrained(directory)
-    model_cls = getattr(transformers, spec["architecture"], None)
-    if model_cls is None:
-        raise CheckpointError(
-            f"architecture {spec['architecture']!r} is not in this transformers version"
-        )
+    weights = check_weights(directory, spec)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{directory}/config.json cannot be read: {exc}") from exc
+    model_cls = getattr(transformers, spec["architecture"])  # in model_classes(): checked
     model = model_cls(config).to(device or "cpu")
 
     shared = {
@@ -183,14 +289,11 @@ def load(directory: str | os.PathLike, device: str | torch.device | None = None)
         layer = FactorizedLinear.from_spec(layer_spec, shared)
         model.set_submodule(name, layer.to(device=device or "cpu"))
 
-    weights = directory / (FACTORIZED_WEIGHTS if spec["modules"] else DENSE_WEIGHTS)
-    if not weights.is_file():
-        raise DataError(f"{weights} is missing; the checkpoint is incomplete")
     try:
         missing, unexpected = load_model(
             model, str(weights), strict=False, device=str(device or "cpu")
         )
-    except RuntimeError as exc:
+    except (RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"{weights} does not match its spec: {exc}") from exc
     if missing or unexpected:
         raise CheckpointError(

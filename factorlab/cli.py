@@ -233,6 +233,13 @@ def _print_summary(results: dict[str, Any], output: str) -> None:
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+    task = f" --task {results['task']}" if results["task"] else " --task TASK"
+    print(
+        "next:\n"
+        f"  factorlab evaluate {output}{task}      # dev metrics again, from the checkpoint\n"
+        f"  factorlab bench {output}                # latency and memory against dense\n"
+        f"  factorlab info {output}                 # method, per-module ranks, parameters"
+    )
 
 
 def _describe_distillation(distillation: dict[str, Any] | None) -> str:
@@ -299,14 +306,27 @@ def cmd_stability(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from factorlab.checkpoint import read_spec
-    from factorlab.models import load_model, load_tokenizer
+    from factorlab.checkpoint import check_weights, is_checkpoint, read_spec
+    from factorlab.models import load_model, load_tokenizer, max_tokens, resolve_model
     from factorlab.tasks import check_task_available, get_task, load_split
     from factorlab.training import EncodedSplit, evaluate
 
-    read_spec(args.checkpoint)
+    path = resolve_model(args.checkpoint)
+    if is_checkpoint(path):
+        check_weights(path, read_spec(path))
+    elif not _is_sequence_classifier(path):
+        raise _usage(
+            f"{args.checkpoint} is neither a factorlab checkpoint nor a Hugging Face sequence "
+            "classifier, so it has no task head to evaluate. Fine-tune it first: factorlab "
+            f"finetune --model {args.checkpoint} --task {args.task} --output DIR"
+        )
     task = get_task(args.task)
     check_task_available(task, args.data_dir, splits=task.eval_splits)
+    limit = max_tokens(path)
+    if args.max_seq_length < 8 or (limit is not None and args.max_seq_length > limit):
+        raise _usage(f"--max-seq-length must be in [8, {limit}], got {args.max_seq_length}")
+    if args.eval_batch_size < 1:
+        raise _usage(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
     model = load_model(args.checkpoint, num_labels=task.num_labels, regression=task.is_regression)
     tokenizer = load_tokenizer(args.checkpoint)
     metrics: dict[str, float] = {}
@@ -320,11 +340,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_sequence_classifier(path: str) -> bool:
+    from transformers import AutoConfig
+
+    try:
+        architectures = AutoConfig.from_pretrained(path).architectures or []
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    from factorlab.checkpoint import read_spec
+    from factorlab.checkpoint import check_weights, read_spec
     from factorlab.runs import RESULTS_FILE
 
     spec = read_spec(args.checkpoint)
+    check_weights(args.checkpoint, spec)
     method = spec.get("method") or {"method": "dense"}
     print(f"checkpoint    {args.checkpoint}")
     print(f"architecture  {spec['architecture']} ({spec.get('model_type')})")
@@ -377,8 +408,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         profile_table,
         write_json,
     )
+    from factorlab.models import max_tokens, resolve_model
 
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    limit = max_tokens(resolve_model(args.model))
+    if args.seq_len < 1 or (limit is not None and args.seq_len > limit):
+        raise _usage(
+            f"--seq-len must be between 1 and the model's {limit} positions, got {args.seq_len}"
+        )
+    for flag, value, low in (("--runs", args.runs, 1), ("--warmup", args.warmup, 0)):
+        if value < low:
+            raise _usage(f"{flag} must be >= {low}, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise _usage(f"--threads must be >= 1, got {args.threads}")
     model = load_for_bench(args.model)
     result = bench(
         model,
@@ -431,10 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--param-ratio",
         type=float,
         default=0.5,
-        help="fraction of targeted parameters KEPT, in (0, 1]",
+        help="fraction of targeted parameters KEPT, in (0, 1], default 0.5",
     )
     p.add_argument(
-        "--nblocks", type=int, help="blocks per side for block methods (monarch, block-low-rank)"
+        "--nblocks",
+        type=int,
+        help="blocks per side for block methods (monarch, block-low-rank), default 4",
     )
     p.add_argument(
         "--target-modules", nargs="+", help="module names (or name suffixes) to factorize"
@@ -483,15 +527,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: cmd_compress(a, None))
 
     p = sub.add_parser("evaluate", help="evaluate a saved checkpoint on a GLUE dev set")
-    p.add_argument("checkpoint")
-    p.add_argument("--task", required=True)
-    p.add_argument("--data-dir")
-    p.add_argument("--max-seq-length", type=int, default=128)
-    p.add_argument("--eval-batch-size", type=int, default=128)
+    p.add_argument(
+        "checkpoint",
+        help="a factorlab run folder or checkpoint, or a Hugging Face sequence classifier",
+    )
+    p.add_argument("--task", required=True, help="GLUE task the model was fine-tuned on")
+    p.add_argument("--data-dir", help="GLUE folder (<dir>/SST-2/dev.tsv ...); default: $GLUE_DIR")
+    p.add_argument(
+        "--max-seq-length", type=int, default=128, help="tokens per example, default 128"
+    )
+    p.add_argument(
+        "--eval-batch-size", type=int, default=128, help="examples per batch, default 128"
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("info", help="what a checkpoint holds")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a factorlab run folder or checkpoint (with factorlab.json)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(

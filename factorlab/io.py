@@ -1,4 +1,6 @@
-"""Atomic file and directory writes: an interrupted run never leaves a half-written result."""
+"""Output safety: atomic file and directory writes (an interrupted run never leaves a
+half-written result), one lock per output folder (two runs never write the same folder), and
+the checks that refuse an output location before any work."""
 
 from __future__ import annotations
 
@@ -10,6 +12,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
+
+from factorlab.errors import OutputExistsError
+
+PARTIAL = ".partial-"
+OLD = ".old-"
 
 
 def _default_mode(directory: bool) -> int:
@@ -46,7 +55,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{PARTIAL}", dir=path.parent))
     os.chmod(tmp, _default_mode(directory=True))
     try:
         yield tmp
@@ -55,8 +64,86 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
     old = None
     if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}{OLD}", dir=path.parent))
         os.replace(path, old / "d")
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def fix_mode(path: str | os.PathLike) -> None:
+    """Give a file written by a library through ``mkstemp`` (mode 0600) the umask's mode."""
+    os.chmod(path, _default_mode(directory=False))
+
+
+def check_output_location(path: str | os.PathLike, what: str = "--output") -> Path:
+    """Refuse a path that cannot become an output folder, before any work; writes nothing.
+
+    Raises:
+        OutputExistsError: ``path`` is the current folder or one above it (replacing it would
+            pull the folder out from under the run), a parent is a file, or the nearest existing
+            parent is not a writable folder.
+    """
+    path = Path(path).expanduser()
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise OutputExistsError(
+            f"{what} {path} is the current folder or contains it; a run replaces its output "
+            "folder as a whole. Give a new folder, e.g. runs/NAME."
+        )
+    parent = resolved.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputExistsError(
+            f"{what} {path}: {parent} is a file, not a folder. Choose another location."
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"{what} {path}: cannot write in {parent}. Choose another place.")
+    return path
+
+
+class OutputLock:
+    """An exclusive, non-blocking lock on one output folder (``filelock``), held while a run
+    writes it: a lock file ``.NAME.lock`` beside the folder.
+
+    On acquiring, leftovers of killed runs (``.NAME.partial-*`` and ``.NAME.old-*`` folders
+    beside it) are removed: while the lock is held no other run can be writing them.
+
+    Raises:
+        OutputExistsError: another process holds the lock (another run is writing there), or the
+            lock file cannot be created (the location is not writable).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.lock_file = self.path.parent / f".{self.path.name}.lock"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.lock_file, os.O_WRONLY | os.O_CREAT, 0o666))  # writable here?
+            self._lock = FileLock(self.lock_file, timeout=0)
+            self._lock.acquire()
+        except Timeout:
+            raise OutputExistsError(
+                f"another factorlab run is writing {self.path} (it holds {self.lock_file}); "
+                "wait for it to finish or choose another output"
+            ) from None
+        except OSError as exc:
+            raise OutputExistsError(
+                f"cannot write the output {self.path}: {exc.strerror or exc}. Choose another place."
+            ) from exc
+        for stale in self.path.parent.glob(f".{self.path.name}.*"):
+            rest = stale.name[len(self.path.name) + 1 :]
+            if stale.is_dir() and rest.startswith((PARTIAL, OLD)):
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def release(self) -> None:
+        """Release the lock (the lock file stays; filelock reuses it)."""
+        self._lock.release()
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

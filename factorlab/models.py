@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,15 @@ from factorlab.checkpoint import is_checkpoint, load
 from factorlab.errors import ConfigError, DataError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2 (embedded)"
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "factorized.safetensors",
+)
+"""The weight files of a Hugging Face model folder (single or sharded) or a factorlab
+checkpoint; a local folder needs one of them."""
 
 
 def default_model_path() -> str:
@@ -42,6 +52,12 @@ def resolve_model(name_or_path: str | None) -> str:
                 f"{name_or_path} is not a model: expected a folder with config.json "
                 "(a Hugging Face model or a factorlab checkpoint)."
             )
+        if not any((path / name).is_file() for name in WEIGHT_FILES):
+            raise DataError(
+                f"{name_or_path} has config.json but no weights: expected one of "
+                f"{', '.join(WEIGHT_FILES)}. Copy the weight files there, or point --model at "
+                "the folder that holds them."
+            )
         return str(path)
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path:
@@ -56,6 +72,22 @@ def _hub_error(name: str, exc: Exception) -> DataError:
         + ("can be loaded offline (HF_HUB_OFFLINE=1)." if offline else "could be downloaded.")
         + " Pass a folder with config.json, or omit --model for the embedded MiniLM."
     )
+
+
+def max_tokens(name_or_path: str) -> int | None:
+    """The longest sequence ``name_or_path`` takes: its tokenizer's ``model_max_length`` when set,
+    else the config's ``max_position_embeddings``; ``None`` when neither says (or for a Hub id
+    that cannot be read here). Reads only small config files.
+    """
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return None
+    limits = [getattr(config, "max_position_embeddings", None)]
+    with contextlib.suppress(OSError, ValueError):
+        limits.append(AutoTokenizer.from_pretrained(name_or_path).model_max_length)
+    known = [v for v in limits if isinstance(v, int) and 0 < v < 10**7]
+    return min(known) if known else None
 
 
 def load_tokenizer(name_or_path: str) -> Any:

@@ -17,17 +17,25 @@ import torch
 import transformers
 from accelerate import Accelerator
 from torch import nn
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from factorlab.calibration import CalibrationConfig, resolve_calibration, run_calibration
 from factorlab.checkpoint import is_checkpoint, read_spec, save
 from factorlab.errors import ConfigError, DataError, OutputExistsError
+from factorlab.io import OutputLock, check_output_location
 from factorlab.methods import (
     FactorizationConfig,
     count_parameters,
     make_config,
+    plan_modules,
 )
-from factorlab.models import default_model_path, load_model, load_tokenizer, resolve_model
+from factorlab.models import (
+    default_model_path,
+    load_model,
+    load_tokenizer,
+    max_tokens,
+    resolve_model,
+)
 from factorlab.targets import select_targets
 from factorlab.tasks import GlueSplit, GlueTask, check_task_available, get_task, load_split
 from factorlab.training import (
@@ -120,42 +128,61 @@ class PreparedRun:
     factorization: FactorizationConfig | None
     calibration: CalibrationConfig | None = None
     schedule: Simultaneous | StagedSchedule = field(default_factory=Simultaneous)
+    lock: OutputLock | None = None
+    """Held on the output folder from ``prepare_run`` until ``execute`` has written it (main
+    process only)."""
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder factorlab wrote (a run's ``results.json`` or a checkpoint's
+    spec): the only kind of existing folder ``--overwrite`` may replace."""
+    return path.is_dir() and ((path / RESULTS_FILE).is_file() or is_checkpoint(path))
 
 
 def check_output(output: str | Path, config: dict[str, Any], overwrite: bool) -> None:
-    """Refuse an output directory that holds something other than this same run.
+    """Refuse an output that this run must not write; writes nothing.
+
+    Allowed: a new path, an empty folder, a folder holding this same run (its ``results.json``
+    has this config), and, with ``overwrite``, a folder holding another factorlab run or
+    checkpoint. A plain file or a folder of other files is never replaced.
 
     Raises:
-        OutputExistsError: the directory is non-empty and holds a different run or unknown files,
-            and ``overwrite`` is False.
+        OutputExistsError: see above, and ``check_output_location``.
     """
-    path = Path(output)
-    if overwrite or not path.exists() or (path.is_dir() and not any(path.iterdir())):
+    path = check_output_location(output)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return
+    if not is_run_folder(path):
+        kind = "a file" if not path.is_dir() else "a folder that is not a factorlab run"
+        raise OutputExistsError(
+            f"{path} exists and is {kind}; factorlab replaces only its own run folders, even "
+            "with --overwrite. Choose another --output."
+        )
+    if overwrite:
+        return
+    previous = None
     results = path / RESULTS_FILE
     if results.is_file():
         try:
             previous = json.loads(results.read_text()).get("config")
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, AttributeError):
             previous = None
-        if previous == config:
-            return
+    if previous != config:
         raise OutputExistsError(
             f"{path} already holds a different run (its {RESULTS_FILE} has another config). "
             "Choose another --output, or pass --overwrite to replace it."
         )
-    raise OutputExistsError(
-        f"{path} exists and is not an empty folder or a factorlab run. Choose another --output, "
-        "or pass --overwrite to replace it."
-    )
 
 
 def prepare_run(config: RunConfig, overwrite: bool = False) -> PreparedRun:
-    """Check every input of ``config`` without loading weights or writing anything.
+    """Check every input of ``config`` without loading weights, then lock the output folder.
+
+    The lock (``OutputLock``: a ``.NAME.lock`` file beside the output, which also clears
+    leftovers of killed runs there) is the only thing written; ``execute`` releases it.
 
     Raises:
         ConfigError: bad method, option or training value. DataError: missing model or data.
-        OutputExistsError: see ``check_output``.
+        OutputExistsError: see ``check_output``; another run holds the output's lock.
     """
     factorization = make_config(config.method, **config.method_options) if config.method else None
     task = get_task(config.task) if config.task else None
@@ -167,6 +194,14 @@ def prepare_run(config: RunConfig, overwrite: bool = False) -> PreparedRun:
         # being shared, fix one process for the whole launch
         micro_batch_size(config.training, Accelerator().num_processes)
     model_path = resolve_model(config.model)
+    limit = max_tokens(model_path) if task is not None else None
+    if limit is not None and config.training.max_seq_length > limit:
+        raise ConfigError(
+            f"--max-seq-length {config.training.max_seq_length} is longer than the model takes "
+            f"({limit} tokens: its position embeddings); use at most {limit}"
+        )
+    if factorization is not None:
+        check_plan(model_path, factorization, task)
     if config.distillation is not None:
         check_distillation(config.distillation, task, model_path)
     calibration = resolve_calibration(
@@ -177,7 +212,31 @@ def prepare_run(config: RunConfig, overwrite: bool = False) -> PreparedRun:
         model_path,
     )
     check_output(config.output, config.to_dict(), overwrite)
-    return PreparedRun(config, model_path, task, factorization, calibration, schedule)
+    lock = OutputLock(config.output) if Accelerator().is_main_process else None
+    return PreparedRun(config, model_path, task, factorization, calibration, schedule, lock)
+
+
+def check_plan(model_path: str, factorization: FactorizationConfig, task: GlueTask | None) -> None:
+    """Plan every targeted module on an empty model built from the config on the meta device
+    (shapes only, no weights, no memory), so bad targets and infeasible budgets fail before the
+    weights are loaded. Skipped for factorlab checkpoints (their factorized structure exists only
+    once loaded) and configs that cannot be read here (a Hub id offline): loading then reports.
+
+    Raises:
+        TargetError, ConfigError: see ``plan_modules``.
+    """
+    if is_checkpoint(model_path):
+        return
+    try:
+        model_config = AutoConfig.from_pretrained(model_path)
+        if task is not None:
+            model_config.num_labels = task.num_labels
+        auto = AutoModelForSequenceClassification if task is not None else AutoModel
+        with torch.device("meta"):
+            model = auto.from_config(model_config)
+    except (OSError, ValueError, KeyError):
+        return
+    plan_modules(model, factorization)
 
 
 def check_distillation(
@@ -235,6 +294,16 @@ def load_objective(run: PreparedRun, accelerator: Accelerator) -> Objective:
 
 
 def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[str, Any]:
+    """Run a prepared run and save it (see ``_execute``), releasing the output's lock at the end,
+    also when the run fails."""
+    try:
+        return _execute(run, progress, log)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _execute(run: PreparedRun, progress: bool, log: Any) -> dict[str, Any]:
     """Run a prepared run and save it; returns the ``results.json`` content.
 
     ``results.json`` holds ``method``, ``param_ratio``, ``seed``, ``task``, ``model``,
@@ -334,7 +403,9 @@ def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[s
             train_info["stages"] = [s.to_dict() for s in result.stages]
         start = time.perf_counter()
         for i, (split, data) in enumerate(eval_data.items()):
-            scores = evaluate(model, data, tokenizer, training.eval_batch_size, accelerator)
+            scores = evaluate(
+                model, data, tokenizer, training.eval_batch_size, accelerator, progress and main
+            )
             metrics.update({(k if i == 0 else f"{split}/{k}"): v for k, v in scores.items()})
         timings["evaluate"] = time.perf_counter() - start
 

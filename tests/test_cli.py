@@ -105,7 +105,7 @@ def test_output_dir_rules(tmp_path, tiny_model_dir, tiny_glue_dir, capsys):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert compress(tmp_path, tiny_model_dir, tiny_glue_dir, "other") == 2
-    assert "not an empty folder or a factorlab run" in capsys.readouterr().err
+    assert "not a factorlab run" in capsys.readouterr().err
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 

@@ -387,7 +387,7 @@ def test_cli_on_two_processes_writes_one_results_file(tmp_path, tiny_model_dir, 
     assert results["train"]["num_processes"] == 2
     assert results["train"]["steps"] == 4 and results["train"]["examples"] == 32
     assert done.stdout.count("saved to") == 1
-    assert sorted(p.name for p in out.parent.iterdir()) == ["run"]  # no stray partial folders
+    assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]  # no stray partials
 
 
 def test_prepared_accelerator_is_not_needed_for_a_second_train_call(tokenizer, rte_train):

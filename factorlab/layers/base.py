@@ -50,7 +50,7 @@ def build_shared_module(spec: dict[str, Any]) -> nn.Module:
         )
     try:
         return SHARED_MODULE_TYPES[kind].from_spec(spec)  # type: ignore[attr-defined]
-    except TypeError as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"spec {spec} does not fit shared module {kind!r}: {exc}") from exc
 
 
@@ -140,7 +140,7 @@ class FactorizedLinear(nn.Module):
             kwargs[f"{arg}_name"] = name
         try:
             return layer_cls(**kwargs)
-        except TypeError as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:  # a missing or ill-typed argument
             raise CheckpointError(f"spec {spec} does not fit layer kind {kind!r}: {exc}") from exc
 
     def num_parameters(self) -> int:

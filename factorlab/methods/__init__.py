@@ -7,6 +7,7 @@ from factorlab.methods.apply import (
     count_parameters,
     factorize_,
     factorized_modules,
+    plan_modules,
 )
 from factorlab.methods.autoencoder import AutoencoderConfig
 from factorlab.methods.block_low_rank import BlockLowRankConfig
@@ -41,6 +42,7 @@ __all__ = [
     "factorized_modules",
     "get_method",
     "make_config",
+    "plan_modules",
     "register_method",
 ]
 __all__ += ["ActSVDConfig", "AutoencoderConfig", "FWSVDConfig", "GroupMember"]

@@ -7,11 +7,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from factorlab.errors import ConfigError
 from factorlab.layers.base import FactorizedLinear
 from factorlab.methods.config import FactorizationConfig
-from factorlab.methods.registry import GroupMember, Projected, get_method
+from factorlab.methods.registry import GroupMember, ModuleBudget, Projected, get_method
 from factorlab.targets import budget_for, select_targets
 
 
@@ -93,18 +94,52 @@ class FactorizationReport:
         )
 
 
+def plan_modules(
+    model: nn.Module, config: FactorizationConfig
+) -> tuple[list[Any], list[ModuleBudget], list[int | None]]:
+    """Select the targets of ``config`` in ``model`` and plan each one's rank, touching nothing.
+
+    Works on a model built on the meta device (shapes only), so a run can check its plan before
+    loading weights.
+
+    Returns:
+        ``(targets, budgets, ranks)``, one entry per targeted module; a rank of ``None`` leaves
+        that module dense.
+
+    Raises:
+        TargetError: see ``select_targets``. ConfigError: an infeasible budget, or a plan that
+            would factorize no module at all although ``param_ratio < 1`` (the model would keep
+            everything while the run reported compression).
+    """
+    method = get_method(config)
+    targets = select_targets(model, config.target_modules, config.exclude_modules)
+    budgets = [budget_for(t.name, config) for t in targets]
+    plans = [method.plan(*t.shape, b, config) for t, b in zip(targets, budgets, strict=True)]
+    if all(rank is None for rank in plans) and config.param_ratio < 1 and not config.rank_pattern:
+        raise ConfigError(
+            f"{method.name} at param_ratio {config.param_ratio} would factorize none of the "
+            f"{len(targets)} targeted modules (each factorized form would be at least as large "
+            "as its dense weight), so the model would keep everything. Lower --param-ratio or "
+            "choose other targets."
+        )
+    return targets, budgets, plans
+
+
 @torch.no_grad()
 def factorize_(
     model: nn.Module,
     config: FactorizationConfig,
     calibration: dict[str, Any] | None = None,
+    progress: bool | None = None,
 ) -> FactorizationReport:
     """Replace the targeted linear layers of ``model`` by factorized layers, in place.
 
-    Every target and its rank are resolved and checked first, so a bad pattern or an infeasible
-    budget raises before the model is touched. Then each module is projected (on its own device,
-    in float64 where the projection needs it) and swapped for the method's layer, which keeps the
-    original bias and dtype. Modules whose factorized form would not be smaller stay dense.
+    Select, plan, project, swap: every target and its rank are resolved and checked first, so a
+    bad pattern or an infeasible budget raises before any projection; then every module is
+    projected (on its own device, in float64 where the projection needs it), and only when all
+    projections have succeeded is each swapped for the method's layer, which keeps the original
+    bias and dtype. Any error before the swap leaves the model untouched.
+    Modules whose factorized form would not be smaller stay dense.
     A method with a ``build_group`` (one that fits several modules jointly, e.g. a shared
     decoder) gets all planned modules in one call before any module is swapped.
 
@@ -112,6 +147,7 @@ def factorize_(
         model: any model whose targets are ``nn.Linear`` or GPT-2 ``Conv1D``.
         config: a registered method's config (``LowRankConfig(param_ratio=0.5)``, ...).
         calibration: per-module statistics ``{module name: stats}`` for data-aware methods.
+        progress: a bar over the projections; ``None`` shows it only on a terminal.
 
     Returns:
         A ``FactorizationReport`` with one ``ModuleReport`` per target.
@@ -121,9 +157,7 @@ def factorize_(
         TargetError: see ``select_targets``.
     """
     method = get_method(config)
-    targets = select_targets(model, config.target_modules, config.exclude_modules)
-    budgets = [budget_for(t.name, config) for t in targets]
-    plans = [method.plan(*t.shape, b, config) for t, b in zip(targets, budgets, strict=True)]
+    targets, budgets, plans = plan_modules(model, config)
     if method.needs_calibration:
         missing = [t.name for t in targets if calibration is None or t.name not in calibration]
         if missing:
@@ -148,25 +182,38 @@ def factorize_(
         ]
         grouped = method.build_group(members, config) if members else {}
 
-    report = FactorizationReport(method.name, config.to_dict())
-    for target, rank in zip(targets, plans, strict=True):
-        module = target.module
-        bias = module.bias
-        before = sum(p.numel() for p in module.parameters())
-        m, n = target.shape
+    # project every module first, swap them all after: a projection that fails leaves the
+    # model untouched
+    projected_layers: list[tuple[Any, int | None, Projected | None]] = []
+    bar = tqdm(
+        list(zip(targets, plans, strict=True)),
+        desc=f"factorize ({method.name})",
+        disable=None if progress is None else not progress,
+        leave=False,
+    )
+    for target, rank in bar:
         if grouped is not None and target.name not in grouped:
             rank = None
-        if rank is None:
+        projected = None
+        if rank is not None:
+            if grouped is not None:
+                projected = grouped[target.name]
+            else:
+                stats = calibration.get(target.name) if calibration else None
+                projected = method.build(target.weight, target.module.bias, rank, config, stats)
+        projected_layers.append((target, rank, projected))
+
+    report = FactorizationReport(method.name, config.to_dict())
+    for target, rank, projected in projected_layers:
+        module = target.module
+        before = sum(p.numel() for p in module.parameters())
+        m, n = target.shape
+        if projected is None:
             report.modules.append(
                 ModuleReport(target.name, m, n, "dense", None, before, before, 0.0)
             )
             continue
         weight = target.weight
-        if grouped is not None:
-            projected = grouped[target.name]
-        else:
-            stats = calibration.get(target.name) if calibration else None
-            projected = method.build(weight, bias, rank, config, stats)
         layer: FactorizedLinear = projected.layer.to(device=weight.device, dtype=weight.dtype)
         layer.source = target.source
         layer.train(module.training)

@@ -53,14 +53,18 @@ def plan_block_rank(m: int, n: int, budget: ModuleBudget, nblocks: int) -> int |
     """Block rank of an ``m x n`` weight with ``nblocks`` blocks, or ``None`` to leave it dense.
 
     An explicit ``budget.rank`` is the block rank (capped at the smaller block side); otherwise
-    ``block_rank_for_param_ratio``. ``None`` when the factors would not be smaller than ``m n``,
-    or when ``nblocks`` exceeds a dimension (no block structure fits; left dense).
+    ``block_rank_for_param_ratio``. ``None`` when the factors would not be smaller than ``m n``.
 
     Raises:
-        ConfigError: the ratio is infeasible even at block rank 1 (names the smallest feasible).
+        ConfigError: ``nblocks`` exceeds a dimension (no block structure fits: a silently dense
+            module would keep more than asked), or the ratio is infeasible even at block rank 1
+            (names the smallest feasible).
     """
     if nblocks > min(m, n):
-        return None
+        raise ConfigError(
+            f"nblocks {nblocks} exceeds the smaller side of a {m}x{n} weight: every block "
+            f"needs at least one row and column. Choose nblocks <= {min(m, n)} (4 is typical)."
+        )
     block_min = min(padded_size(m, nblocks) // nblocks, padded_size(n, nblocks) // nblocks)
     if budget.rank is not None:
         rank = min(budget.rank, block_min)

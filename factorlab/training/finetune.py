@@ -88,6 +88,10 @@ class TrainingConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.train_samples is None or self.train_samples >= 1, "train_samples must be >= 1"),
             (
+                isinstance(self.seed, int) and 0 <= self.seed < 2**32,
+                f"seed must be an integer in [0, 2**32), got {self.seed!r}",
+            ),
+            (
                 self.train_fraction is None or 0 < self.train_fraction <= 1,
                 "train_fraction must be in (0, 1]",
             ),
