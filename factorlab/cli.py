@@ -31,7 +31,7 @@ TRAINING_FLAGS = {  # TrainingConfig field -> help (its default is appended)
 def _add_training_args(
     parser: argparse.ArgumentParser, seed: bool = True, distill: bool = True
 ) -> None:
-    from factorlab.training import TrainingConfig
+    from factorlab.training.config import TrainingConfig
 
     d = TrainingConfig()
     g = parser.add_argument_group("fine-tuning (with --task)")
@@ -86,7 +86,7 @@ def _add_training_args(
 
 
 def _distillation(args: argparse.Namespace) -> Any:
-    from factorlab.training import DistillationConfig
+    from factorlab.training.config import DistillationConfig
 
     options = {
         key: value
@@ -107,7 +107,7 @@ def _distillation(args: argparse.Namespace) -> Any:
 
 
 def _training_config(args: argparse.Namespace) -> Any:
-    from factorlab.training import TrainingConfig
+    from factorlab.training.config import TrainingConfig
 
     fields = [*TRAINING_FLAGS, "seed", "max_steps", "factor_weight_decay"]
     fields += ["train_samples", "train_fraction"]
@@ -454,7 +454,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from factorlab.methods import METHODS
+    from factorlab.methods.names import METHOD_NAMES
 
     parser = argparse.ArgumentParser(
         prog="factorlab",
@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="low-rank",
-        help=f"one of {', '.join(sorted(METHODS))} (default low-rank)",
+        help=f"one of {', '.join(METHOD_NAMES)} (default low-rank)",
     )
     p.add_argument(
         "--param-ratio",

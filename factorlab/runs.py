@@ -331,6 +331,7 @@ def _execute(run: PreparedRun, progress: bool, log: Any) -> dict[str, Any]:
     tokenizer = load_tokenizer(run.model_path)
     timings["load"] = time.perf_counter() - start
     model_before = count_parameters(model)
+    say(f"loaded {run.model_path} ({model_before:,} parameters) in {timings['load']:.1f} s")
     targeted_before = 0
     if run.factorization is None:
         targeted_before = sum(
@@ -370,6 +371,9 @@ def _execute(run: PreparedRun, progress: bool, log: Any) -> dict[str, Any]:
             train_data, tokenizer, training, accelerator, objective, progress=progress, log=say
         )
 
+    if run.factorization is not None:
+        what = "calibrating, then " if calibrate is not None else ""
+        say(f"{run.schedule.name}: {what}factorizing with {run.factorization.method} ...")
     outcome = run.schedule.run(model, run.factorization, job, calibrate)
     model, report = outcome.model, outcome.report
     timings.update(outcome.timings)
@@ -402,6 +406,9 @@ def _execute(run: PreparedRun, progress: bool, log: Any) -> dict[str, Any]:
         if isinstance(result, StagedTrainResult):
             train_info["stages"] = [s.to_dict() for s in result.stages]
         start = time.perf_counter()
+        say(
+            f"evaluating on {', '.join(f'{k} ({len(v):,} examples)' for k, v in eval_data.items())}"
+        )
         for i, (split, data) in enumerate(eval_data.items()):
             scores = evaluate(
                 model, data, tokenizer, training.eval_batch_size, accelerator, progress and main

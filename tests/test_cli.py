@@ -212,3 +212,24 @@ def test_option_reaches_the_method_config(tmp_path, tiny_model_dir):
         "sharing": "per-matrix",
         "linear": True,
     }
+
+
+def test_the_cli_starts_without_torch():
+    """`factorlab --help` and argument errors must answer at once: parsing imports neither
+    torch nor transformers (they load in the command that runs)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from factorlab.cli import build_parser; build_parser(); "
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', "
+        "'accelerate', 'numpy'}); print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_method_names_match_the_registry():
+    from factorlab.methods import METHOD_NAMES, METHODS
+
+    assert sorted(METHOD_NAMES) == sorted(METHODS)

@@ -1,48 +1,25 @@
-"""Factorization methods: a config dataclass per method, a registry, and ``factorize_``."""
+"""Factorization methods: one config dataclass per method and a registry (see ``api``).
 
-from factorlab.methods.act_svd import ActSVDConfig
-from factorlab.methods.apply import (
-    FactorizationReport,
-    ModuleReport,
-    count_parameters,
-    factorize_,
-    factorized_modules,
-    plan_modules,
-)
-from factorlab.methods.autoencoder import AutoencoderConfig
-from factorlab.methods.block_low_rank import BlockLowRankConfig
-from factorlab.methods.config import FactorizationConfig
-from factorlab.methods.fwsvd import FWSVDConfig
-from factorlab.methods.low_rank import LowRankConfig
-from factorlab.methods.monarch import MonarchConfig
-from factorlab.methods.registry import (
-    METHODS,
-    GroupMember,
-    Method,
-    ModuleBudget,
-    Projected,
-    get_method,
-    make_config,
-    register_method,
-)
+The package loads lazily: ``from factorlab.methods import LowRankConfig`` imports torch and
+registers every method on first use, while ``factorlab.methods.names`` stays import-light for the
+command line.
+"""
 
-__all__ = [
-    "METHODS",
-    "BlockLowRankConfig",
-    "FactorizationConfig",
-    "FactorizationReport",
-    "LowRankConfig",
-    "Method",
-    "ModuleBudget",
-    "ModuleReport",
-    "MonarchConfig",
-    "Projected",
-    "count_parameters",
-    "factorize_",
-    "factorized_modules",
-    "get_method",
-    "make_config",
-    "plan_modules",
-    "register_method",
-]
-__all__ += ["ActSVDConfig", "AutoencoderConfig", "FWSVDConfig", "GroupMember"]
+from importlib import import_module
+from typing import Any
+
+from factorlab.methods.names import METHOD_NAMES as METHOD_NAMES
+
+
+def __getattr__(name: str) -> Any:
+    api = import_module("factorlab.methods.api")  # not `from . import`: that asks __getattr__
+    try:
+        value = getattr(api, name)
+    except AttributeError:
+        raise AttributeError(f"module 'factorlab.methods' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(["METHOD_NAMES", *import_module("factorlab.methods.api").__all__])

@@ -15,6 +15,7 @@ import torch
 from factorlab.errors import ConfigError
 from factorlab.layers.base import FactorizedLinear
 from factorlab.methods.config import FactorizationConfig
+from factorlab.methods.names import METHOD_NAMES
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ def register_method(method: Method) -> Method:
     """Add ``method`` to the registry (by name and by config class)."""
     if method.name in METHODS:
         raise RuntimeError(f"method {method.name!r} registered twice")
+    if method.name not in METHOD_NAMES:
+        raise RuntimeError(f"add {method.name!r} to factorlab.methods.names.METHOD_NAMES")
     if method.config_cls.method != method.name:
         raise RuntimeError(f"{method.config_cls.__name__}.method must be {method.name!r}")
     METHODS[method.name] = method

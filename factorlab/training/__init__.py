@@ -1,55 +1,51 @@
 """The training engine on accelerate: the loop with callbacks, losses (task + distillation),
-evaluation, and schedules (simultaneous, staged factorization)."""
+evaluation, and schedules (simultaneous, staged factorization).
 
-from factorlab.training.callbacks import Callback, CallbackList, TrainContext
-from factorlab.training.data import EncodedSplit, make_loader
-from factorlab.training.finetune import (
-    TrainingConfig,
-    TrainResult,
-    evaluate,
-    make_optimizer,
-    micro_batch_size,
-    predict,
-    seed_everything,
-    train,
-)
-from factorlab.training.losses import DistillationConfig, Objective, check_teacher
-from factorlab.training.schedules import ScheduleResult, Simultaneous, TrainingJob
-from factorlab.training.staged import (
-    StagedSchedule,
-    StagedTrainResult,
-    StageInfo,
-    check_stageable,
-    finetune_staged,
-    plan_stages,
-    split_steps,
-)
+Names load on first use, so ``factorlab.training.config`` (the recipes) imports without torch.
+"""
 
-__all__ = [
-    "Callback",
-    "CallbackList",
-    "DistillationConfig",
-    "EncodedSplit",
-    "Objective",
-    "ScheduleResult",
-    "Simultaneous",
-    "StageInfo",
-    "StagedSchedule",
-    "StagedTrainResult",
-    "TrainContext",
-    "TrainResult",
-    "TrainingConfig",
-    "TrainingJob",
-    "check_stageable",
-    "check_teacher",
-    "evaluate",
-    "finetune_staged",
-    "make_loader",
-    "make_optimizer",
-    "micro_batch_size",
-    "plan_stages",
-    "predict",
-    "seed_everything",
-    "split_steps",
-    "train",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "Callback": "factorlab.training.callbacks",
+    "CallbackList": "factorlab.training.callbacks",
+    "DistillationConfig": "factorlab.training.config",
+    "EncodedSplit": "factorlab.training.data",
+    "Objective": "factorlab.training.losses",
+    "ScheduleResult": "factorlab.training.schedules",
+    "Simultaneous": "factorlab.training.schedules",
+    "StageInfo": "factorlab.training.staged",
+    "StagedSchedule": "factorlab.training.staged",
+    "StagedTrainResult": "factorlab.training.staged",
+    "TrainContext": "factorlab.training.callbacks",
+    "TrainResult": "factorlab.training.finetune",
+    "TrainingConfig": "factorlab.training.config",
+    "TrainingJob": "factorlab.training.schedules",
+    "check_stageable": "factorlab.training.staged",
+    "check_teacher": "factorlab.training.losses",
+    "evaluate": "factorlab.training.finetune",
+    "finetune_staged": "factorlab.training.staged",
+    "make_loader": "factorlab.training.data",
+    "make_optimizer": "factorlab.training.finetune",
+    "micro_batch_size": "factorlab.training.finetune",
+    "plan_stages": "factorlab.training.staged",
+    "predict": "factorlab.training.finetune",
+    "seed_everything": "factorlab.training.finetune",
+    "split_steps": "factorlab.training.staged",
+    "train": "factorlab.training.finetune",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'factorlab.training' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -16,7 +16,6 @@ e.g. a ``factorlab finetune`` output - runs in eval mode without gradients on th
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -24,41 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from factorlab.errors import ConfigError
-
-
-@dataclass
-class DistillationConfig:
-    """Knowledge distillation from a teacher (METHODS.md §10; defaults from nn_pruning).
-
-    Attributes:
-        teacher: folder of the teacher: a factorlab checkpoint or a Hugging Face model with a
-            sequence-classification head for the same task (same number of labels).
-        alpha: weight of the distillation term, in [0, 1]; the task loss gets ``1 - alpha``.
-        temperature: softmax temperature T > 0 of the KL term (the term is scaled by T^2 so its
-            gradients keep their size as T changes); not used for regression.
-        hidden_weight: weight of the per-block hidden-state MSE, >= 0 (0: off).
-    """
-
-    teacher: str
-    alpha: float = 0.5
-    temperature: float = 2.0
-    hidden_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        checks = [
-            (0 <= self.alpha <= 1, f"distill alpha must be in [0, 1], got {self.alpha}"),
-            (self.temperature > 0, f"distill temperature must be > 0, got {self.temperature}"),
-            (
-                self.hidden_weight >= 0,
-                f"distill hidden weight must be >= 0, got {self.hidden_weight}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from factorlab.training.config import DistillationConfig
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
