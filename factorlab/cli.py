@@ -188,6 +188,8 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         options["target_modules"] = args.target_regex
     if args.exclude_modules:
         options["exclude_modules"] = args.exclude_modules
+    if getattr(args, "allocation", None) is not None:
+        options["allocation"] = args.allocation
     for item in getattr(args, "option", None) or []:
         key, value = _parse_option(item)
         if key in options:
@@ -485,6 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--target-regex", help="regex (full match) of module names to factorize")
     p.add_argument("--exclude-modules", nargs="+", help="module names (or suffixes) to leave dense")
+    p.add_argument(
+        "--allocation",
+        choices=["uniform", "global"],
+        help="uniform: every matrix keeps --param-ratio (default); global: one budget over all "
+        "matrices, ranks where the method's truncation error drops most per parameter",
+    )
     _add_option_arg(p)
     p.add_argument("--output", required=True, help="run folder: checkpoint + results.json")
     p.add_argument(

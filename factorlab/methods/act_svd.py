@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
+from factorlab.allocation import Spectrum, low_rank_spectrum
 from factorlab.errors import ConfigError
 from factorlab.layers.low_rank import LowRankLinear
 from factorlab.methods.config import FactorizationConfig
 from factorlab.methods.low_rank import plan_low_rank
 from factorlab.methods.registry import Method, Projected, register_method
-from factorlab.projections.activation_svd import DEFAULT_EPS, activation_svd
+from factorlab.projections.activation_svd import DEFAULT_EPS, activation_svd, whitening_factor
 
 
 @dataclass
@@ -46,13 +47,7 @@ class ActSVDConfig(FactorizationConfig):
             raise ConfigError(f"eps must be finite and >= 0, got {self.eps}")
 
 
-def build_act_svd(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rank: int,
-    config: ActSVDConfig,
-    stats: object,
-) -> Projected:
+def _gram(weight: torch.Tensor, stats: object) -> torch.Tensor:
     gram = getattr(stats, "gram", None)
     if gram is None:
         raise ConfigError("act-svd needs Gram statistics (collect_statistics(..., gram=True))")
@@ -62,7 +57,24 @@ def build_act_svd(
             f"Gram statistics of shape {tuple(gram.shape)} do not fit the weight "
             f"{tuple(weight.shape)}; were they collected on another model?"
         )
-    factors = activation_svd(weight, rank, gram.to(weight.device), eps=config.eps)
+    return gram.to(weight.device)
+
+
+def spectrum_act_svd(weight: torch.Tensor, stats: object, config: ActSVDConfig) -> Spectrum:
+    """Singular values of the whitened ``W C`` (``C C^T = G + damping I``): the output error's
+    spectrum, which act-svd truncates."""
+    C = whitening_factor(_gram(weight, stats), config.eps)[0]
+    return low_rank_spectrum(torch.linalg.svdvals(weight.detach().double() @ C), *weight.shape)
+
+
+def build_act_svd(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rank: int,
+    config: ActSVDConfig,
+    stats: object,
+) -> Projected:
+    factors = activation_svd(weight, rank, _gram(weight, stats), eps=config.eps)
     return Projected(LowRankLinear.from_factors(factors.A, factors.B, bias), factors.rel_error)
 
 
@@ -74,5 +86,6 @@ ACT_SVD = register_method(
         build_act_svd,
         needs_calibration=True,
         statistics=("gram",),
+        spectrum=spectrum_act_svd,
     )
 )

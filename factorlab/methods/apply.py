@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from factorlab.allocation import allocate_global
 from factorlab.errors import ConfigError
 from factorlab.layers.base import FactorizedLinear
 from factorlab.methods.config import FactorizationConfig
@@ -95,25 +97,61 @@ class FactorizationReport:
 
 
 def plan_modules(
-    model: nn.Module, config: FactorizationConfig
+    model: nn.Module,
+    config: FactorizationConfig,
+    calibration: dict[str, Any] | None = None,
 ) -> tuple[list[Any], list[ModuleBudget], list[int | None]]:
     """Select the targets of ``config`` in ``model`` and plan each one's rank, touching nothing.
 
-    Works on a model built on the meta device (shapes only), so a run can check its plan before
-    loading weights.
+    Uniform allocation needs only shapes, so it also runs on a model built on the meta device
+    (a run checks its plan before loading weights; calibration is then not required). Global
+    allocation (``config.allocation``)
+    reads every weight's spectrum in the method's objective (``Method.spectrum``, with the
+    module's calibration statistics) and spends ``floor(param_ratio * sum m n)`` parameters
+    with ``factorlab.allocation.allocate_global``; on meta weights it checks only the targets.
 
     Returns:
         ``(targets, budgets, ranks)``, one entry per targeted module; a rank of ``None`` leaves
         that module dense.
 
     Raises:
-        TargetError: see ``select_targets``. ConfigError: an infeasible budget, or a plan that
-            would factorize no module at all although ``param_ratio < 1`` (the model would keep
-            everything while the run reported compression).
+        TargetError: see ``select_targets``. ConfigError: missing calibration statistics for a
+            data-aware method, an infeasible budget, a method without
+            ``spectrum`` under global allocation, or a plan that would factorize no module at all
+            although ``param_ratio < 1`` (the model would keep everything while the run reported
+            compression).
     """
     method = get_method(config)
     targets = select_targets(model, config.target_modules, config.exclude_modules)
-    budgets = [budget_for(t.name, config) for t in targets]
+    on_meta = any(t.weight.is_meta for t in targets)
+    if method.needs_calibration and not on_meta:
+        missing = [t.name for t in targets if calibration is None or t.name not in calibration]
+        if missing:
+            raise ConfigError(
+                f"method {method.name!r} needs calibration statistics; none for {missing[:3]}... "
+                "Collect them with factorlab.calibration first."
+            )
+    if config.allocation == "global":
+        if method.spectrum is None:
+            raise ConfigError(
+                f"method {method.name!r} has no spectrum to allocate ranks globally; use "
+                "allocation='uniform'"
+            )
+        if on_meta:
+            return targets, [], []
+        spectra = {
+            t.name: method.spectrum(
+                t.weight, calibration.get(t.name) if calibration else None, config
+            )
+            for t in targets
+        }
+        budget = math.floor(config.param_ratio * sum(s.dense_params for s in spectra.values()))
+        ranks = allocate_global(
+            spectra, budget, config.min_rank, config.max_param_ratio, config.allocation_normalize
+        )
+        budgets = [ModuleBudget(config.param_ratio, rank=ranks[t.name]) for t in targets]
+    else:
+        budgets = [budget_for(t.name, config) for t in targets]
     plans = [method.plan(*t.shape, b, config) for t, b in zip(targets, budgets, strict=True)]
     if all(rank is None for rank in plans) and config.param_ratio < 1 and not config.rank_pattern:
         raise ConfigError(
@@ -157,14 +195,17 @@ def factorize_(
         TargetError: see ``select_targets``.
     """
     method = get_method(config)
-    targets, budgets, plans = plan_modules(model, config)
     if method.needs_calibration:
-        missing = [t.name for t in targets if calibration is None or t.name not in calibration]
+        names = [
+            t.name for t in select_targets(model, config.target_modules, config.exclude_modules)
+        ]
+        missing = [n for n in names if calibration is None or n not in calibration]
         if missing:
             raise ConfigError(
                 f"method {method.name!r} needs calibration statistics; none for {missing[:3]}... "
                 "Collect them with factorlab.calibration first."
             )
+    targets, budgets, plans = plan_modules(model, config, calibration)
 
     grouped: dict[str, Projected] | None = None
     if method.build_group is not None:

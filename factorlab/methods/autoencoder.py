@@ -96,7 +96,7 @@ class AutoencoderConfig(FactorizationConfig):
 
     def staging_problem(self) -> str | None:
         if self.sharing != "stacked":
-            return None
+            return super().staging_problem()
         return (
             "sharing='stacked' fits one decoder over the same matrix of ALL blocks, which a "
             "staged schedule (a few blocks per stage) cannot keep; use sharing='per-matrix' "

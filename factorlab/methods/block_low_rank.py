@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from factorlab.allocation import Spectrum
 from factorlab.layers.block_low_rank import BlockLowRankLinear
 from factorlab.methods.config import FactorizationConfig
-from factorlab.methods.monarch import check_nblocks, plan_block_rank
+from factorlab.methods.monarch import block_spectrum, check_nblocks, plan_block_rank
 from factorlab.methods.registry import Method, ModuleBudget, Projected, register_method
 from factorlab.projections.block_low_rank import block_low_rank_project
 
@@ -61,6 +62,21 @@ def build_block_low_rank(
     return Projected(layer, f.rel_error)
 
 
+def spectrum_block_low_rank(
+    weight: torch.Tensor, stats: object, config: FactorizationConfig
+) -> Spectrum:
+    """Spectra of the contiguous blocks that ``block_low_rank_project`` truncates."""
+    assert isinstance(config, BlockLowRankConfig)
+    f = block_low_rank_project(weight, config.nblocks, config.nblocks, 1)
+    return block_spectrum(f.singular_values, *weight.shape, config.nblocks)
+
+
 BLOCK_LOW_RANK = register_method(
-    Method("block-low-rank", BlockLowRankConfig, plan_block_low_rank, build_block_low_rank)
+    Method(
+        "block-low-rank",
+        BlockLowRankConfig,
+        plan_block_low_rank,
+        build_block_low_rank,
+        spectrum=spectrum_block_low_rank,
+    )
 )

@@ -26,6 +26,15 @@ class FactorizationConfig:
         rank_pattern: per-module overrides, ``{regex: value}``. The first regex found
             (``re.search``) in a module's name wins; an ``int`` value is the rank (block rank for
             block methods), a ``float`` in (0, 1] is that module's ``param_ratio``.
+        allocation: ``"uniform"`` (every matrix keeps ``param_ratio``) or ``"global"`` (one
+            budget of ``param_ratio`` times all targeted weights, spent greedily where the
+            method's truncation error drops most per parameter: ``factorlab.allocation``).
+        min_rank: with global allocation, the smallest rank (block rank) of any matrix, >= 1.
+        max_param_ratio: with global allocation, the largest fraction of its dense parameters
+            any one matrix may keep, in (0, 1].
+        allocation_normalize: with global allocation, minimize the sum of relative squared
+            errors (each matrix's spectrum divided by its energy) instead of the sum of absolute
+            ones (default: the objective the method itself minimizes, summed).
     """
 
     method: ClassVar[str] = ""
@@ -34,8 +43,28 @@ class FactorizationConfig:
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     rank_pattern: dict[str, int | float] = field(default_factory=dict)
+    allocation: str = "uniform"
+    min_rank: int = 1
+    max_param_ratio: float = 1.0
+    allocation_normalize: bool = False
 
     def __post_init__(self) -> None:
+        from factorlab.allocation import check_allocation
+
+        check_allocation(self.allocation)
+        if self.allocation == "global" and self.rank_pattern:
+            raise ConfigError(
+                "rank_pattern and allocation='global' exclude each other: the global allocator "
+                "chooses every rank; give one of them"
+            )
+        if (
+            isinstance(self.min_rank, bool)
+            or not isinstance(self.min_rank, int)
+            or self.min_rank < 1
+        ):
+            raise ConfigError(f"min_rank must be an int >= 1, got {self.min_rank!r}")
+        if not isinstance(self.max_param_ratio, (int, float)) or not 0 < self.max_param_ratio <= 1:
+            raise ConfigError(f"max_param_ratio must be in (0, 1], got {self.max_param_ratio!r}")
         if isinstance(self.param_ratio, bool) or not isinstance(self.param_ratio, (int, float)):
             raise ConfigError(f"param_ratio must be a number in (0, 1], got {self.param_ratio!r}")
         if not 0.0 < self.param_ratio <= 1.0:
@@ -65,6 +94,11 @@ class FactorizationConfig:
     def staging_problem(self) -> str | None:
         """Why a staged schedule (METHODS.md §4: a few blocks projected per stage) would change
         what this config computes, or ``None`` when it can be staged."""
+        if self.allocation == "global":
+            return (
+                "allocation='global' spends one budget over all matrices at once, but a stage "
+                "sees only its own blocks; use allocation='uniform' or drop --staged"
+            )
         return None
 
     def to_dict(self) -> dict[str, Any]:

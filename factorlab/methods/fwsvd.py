@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from factorlab.allocation import Spectrum, low_rank_spectrum
 from factorlab.errors import ConfigError
 from factorlab.layers.low_rank import LowRankLinear
 from factorlab.methods.config import FactorizationConfig
 from factorlab.methods.low_rank import plan_low_rank
 from factorlab.methods.registry import Method, Projected, register_method
-from factorlab.projections.weighted_svd import fisher_weights, weighted_svd
+from factorlab.projections.weighted_svd import fisher_weights, weighted_matrix, weighted_svd
 
 FISHER_AXES = ("out", "in")
 
@@ -45,13 +47,8 @@ class FWSVDConfig(FactorizationConfig):
             )
 
 
-def build_fwsvd(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rank: int,
-    config: FWSVDConfig,
-    stats: object,
-) -> Projected:
+def _importance(weight: torch.Tensor, stats: object, config: FWSVDConfig) -> dict[str, Any]:
+    """``weighted_svd``'s keyword for the config's axis: ``row_weights`` or ``col_weights``."""
     fisher = getattr(stats, "fisher", None)
     if fisher is None:
         raise ConfigError("fwsvd needs Fisher statistics (collect_statistics(..., fisher=True))")
@@ -61,10 +58,23 @@ def build_fwsvd(
             f"{tuple(weight.shape)}; were they collected on another model?"
         )
     weights = fisher_weights(fisher.to(weight.device), config.fisher_axis)
-    if config.fisher_axis == "out":
-        factors = weighted_svd(weight, rank, row_weights=weights)
-    else:
-        factors = weighted_svd(weight, rank, col_weights=weights)
+    return {"row_weights" if config.fisher_axis == "out" else "col_weights": weights}
+
+
+def spectrum_fwsvd(weight: torch.Tensor, stats: object, config: FWSVDConfig) -> Spectrum:
+    """Singular values of the Fisher-weighted matrix that fwsvd truncates."""
+    scaled = weighted_matrix(weight, **_importance(weight, stats, config))
+    return low_rank_spectrum(torch.linalg.svdvals(scaled), *weight.shape)
+
+
+def build_fwsvd(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rank: int,
+    config: FWSVDConfig,
+    stats: object,
+) -> Projected:
+    factors = weighted_svd(weight, rank, **_importance(weight, stats, config))
     return Projected(LowRankLinear.from_factors(factors.A, factors.B, bias), factors.rel_error)
 
 
@@ -76,5 +86,6 @@ FWSVD = register_method(
         build_fwsvd,
         needs_calibration=True,
         statistics=("fisher",),
+        spectrum=spectrum_fwsvd,
     )
 )

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from factorlab.allocation import Spectrum, low_rank_spectrum
 from factorlab.layers.low_rank import LowRankLinear
 from factorlab.methods.config import FactorizationConfig
 from factorlab.methods.registry import Method, ModuleBudget, Projected, register_method
@@ -42,4 +43,11 @@ def build_low_rank(
     return Projected(LowRankLinear.from_factors(factors.A, factors.B, bias), factors.rel_error)
 
 
-LOW_RANK = register_method(Method("low-rank", LowRankConfig, plan_low_rank, build_low_rank))
+def spectrum_low_rank(weight: torch.Tensor, stats: object, config: FactorizationConfig) -> Spectrum:
+    """Singular values of ``W`` (float64): plain SVD's truncation error."""
+    return low_rank_spectrum(torch.linalg.svdvals(weight.detach().double()), *weight.shape)
+
+
+LOW_RANK = register_method(
+    Method("low-rank", LowRankConfig, plan_low_rank, build_low_rank, spectrum=spectrum_low_rank)
+)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from factorlab.allocation import Spectrum
 from factorlab.errors import ConfigError
 from factorlab.layers.monarch import MonarchLinear
 from factorlab.methods.config import FactorizationConfig
@@ -79,6 +80,26 @@ def plan_monarch(m: int, n: int, budget: ModuleBudget, config: FactorizationConf
     return plan_block_rank(m, n, budget, config.nblocks)
 
 
+def block_spectrum(singular_values: torch.Tensor, m: int, n: int, nblocks: int) -> Spectrum:
+    """Allocation data of a block method: one unit of block rank adds a singular triplet to
+    every block, so its gain is the sum over blocks of their next ``sigma^2``.
+
+    Args:
+        singular_values: ``(nblocks_out, nblocks_in, q)`` float64, each block's full spectrum.
+    """
+    gains = singular_values.detach().double().square().sum(dim=(0, 1))
+    cost = monarch_num_parameters(m, n, nblocks, 1)
+    max_rank = min(len(gains), (m * n - 1) // cost)
+    return Spectrum(gains, cost, max_rank, m * n)
+
+
+def spectrum_monarch(weight: torch.Tensor, stats: object, config: FactorizationConfig) -> Spectrum:
+    """Block spectra of the permuted weight that ``monarch_project`` truncates."""
+    assert isinstance(config, MonarchConfig)
+    f = monarch_project(weight, config.nblocks, config.nblocks, 1)
+    return block_spectrum(f.singular_values, *weight.shape, config.nblocks)
+
+
 def build_monarch(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -93,4 +114,6 @@ def build_monarch(
     return Projected(layer, f.rel_error)
 
 
-MONARCH = register_method(Method("monarch", MonarchConfig, plan_monarch, build_monarch))
+MONARCH = register_method(
+    Method("monarch", MonarchConfig, plan_monarch, build_monarch, spectrum=spectrum_monarch)
+)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from factorlab.allocation import Spectrum
 from factorlab.errors import ConfigError
 from factorlab.layers.base import FactorizedLinear
 from factorlab.methods.config import FactorizationConfig
@@ -55,6 +56,7 @@ class GroupMember:
 PlanFn = Callable[[int, int, ModuleBudget, Any], "int | None"]
 BuildFn = Callable[[torch.Tensor, "torch.Tensor | None", int, Any, Any], Projected]
 GroupBuildFn = Callable[[list[GroupMember], Any], "dict[str, Projected]"]
+SpectrumFn = Callable[[torch.Tensor, Any, Any], "Spectrum"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class Method:
             ``(members, config) -> {name: Projected}`` over every module that ``plan`` did not
             leave dense; a module missing from the result stays dense. When set, ``factorize_``
             calls it once instead of ``build`` per module.
+        spectrum: ``(weight (out, in), statistics, config) -> Spectrum``: the gains per unit of
+            rank in the method's own objective, for global rank allocation
+            (``factorlab.allocation``); ``None``: the method supports only uniform allocation.
     """
 
     name: str
@@ -85,6 +90,7 @@ class Method:
     needs_calibration: bool = False
     statistics: tuple[str, ...] = ()
     build_group: GroupBuildFn | None = None
+    spectrum: SpectrumFn | None = None
 
 
 METHODS: dict[str, Method] = {}

@@ -89,12 +89,7 @@ def weighted_svd(
     W = weight.detach().double()
     r = _normalized(row_weights, m, "row_weights")
     c = _normalized(col_weights, n, "col_weights")
-    scaled = W
-    if r is not None:
-        scaled = r[:, None] * scaled
-    if c is not None:
-        scaled = scaled * c[None, :]
-    U, S, Vh = torch.linalg.svd(scaled, full_matrices=False)
+    U, S, Vh = torch.linalg.svd(_scale(W, r, c), full_matrices=False)
     A, B = split_singular_values(U, S, Vh, rank)
     if r is not None:
         A = A / r[:, None]
@@ -106,6 +101,27 @@ def weighted_svd(
         singular_values=S,
         rel_error=plain_relative_error(W, A, B),
     )
+
+
+def _scale(W: torch.Tensor, r: torch.Tensor | None, c: torch.Tensor | None) -> torch.Tensor:
+    if r is not None:
+        W = r[:, None] * W
+    if c is not None:
+        W = W * c[None, :]
+    return W
+
+
+def weighted_matrix(
+    weight: torch.Tensor,
+    row_weights: torch.Tensor | None = None,
+    col_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``D_r W D_c`` in float64 (weights normalized as in ``weighted_svd``), the matrix whose
+    SVD ``weighted_svd`` truncates; shape ``(m, n)``."""
+    m, n = weight.shape
+    r = _normalized(row_weights, m, "row_weights")
+    c = _normalized(col_weights, n, "col_weights")
+    return _scale(weight.detach().double(), r, c)
 
 
 def plain_relative_error(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> float:
