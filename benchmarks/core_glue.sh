@@ -10,15 +10,7 @@ out=${1:-runs/core}
 data=${GLUE_DIR:-../shared/data/glue}
 export HF_HUB_OFFLINE=1
 
-run() {  # run NAME COMMAND...: skip a finished run
-  local name=$1
-  shift
-  if [ -f "$out/$name/results.json" ]; then
-    echo "$name: done already"
-  else
-    "$@" --output "$out/$name"
-  fi
-}
+. "$(dirname "$0")/cached_run.sh"  # run NAME COMMAND...: skip a finished run
 
 for task in sst2 mrpc rte; do
   recipe=(--task "$task" --data-dir "$data" --seed 42 --no-progress)

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Distillation during recovery (issue: training engine): dense MiniLM vs low-rank and act-svd at
-# param_ratio 0.5, each fine-tuned with and without distillation from the dense model of the same
-# task (METHODS.md §10: alpha 0.5, T 2; "+hidden" adds the per-block hidden-state MSE, weight 1).
-# Same recipe and seed as benchmarks/core_glue.sh (lr 1e-4, batch 32, len 128, seed 42; SST-2 a
-# seeded 10k subset for 2 epochs, MRPC the full train set for 3 epochs), so every row of a task
-# sees the same batches for the same number of steps. A run whose results.json exists is kept
-# (runs are deterministic for a seed on CPU), so an interrupted script resumes. Usage:
-#   OMP_NUM_THREADS=1 bash benchmarks/distill_glue.sh OUT_DIR TASK...   (one job per task, in parallel)
+# Distillation during recovery (the training-engine issue): dense MiniLM vs low-rank and act-svd
+# at param_ratio 0.5, each fine-tuned with and without distillation from the dense model of the
+# same task (METHODS.md §10: alpha 0.5, T 2; "-hidden" adds the per-block hidden-state MSE,
+# weight 1). Same recipe and seed as benchmarks/core_glue.sh (lr 1e-4, batch 32, len 128, seed
+# 42; SST-2 a seeded 10k subset for 2 epochs, MRPC the full train set for 3 epochs), so every row
+# of a task takes the same optimizer steps on the same batches. Rows:
+#   TASK-METHOD-0.5[-kd]   factorize the pretrained MiniLM, then fine-tune (the core table's way)
+#   TASK-METHOD-0.5-ft-kd  factorize the dense model fine-tuned on TASK, then recover with
+#                          distillation from it (fine-tune -> compress -> recover)
+# A run whose results.json exists is kept (runs are deterministic for a seed on CPU), so an
+# interrupted script resumes; rows are ordered by priority. Usage, one job per task in parallel:
+#   OMP_NUM_THREADS=1 bash benchmarks/distill_glue.sh OUT_DIR TASK...
 # then: factorlab report OUT_DIR
 set -euo pipefail
 out=${1:-runs/distill}
@@ -15,15 +19,7 @@ tasks=("${@:-sst2 mrpc}")
 data=${GLUE_DIR:-../shared/data/glue}
 export HF_HUB_OFFLINE=1
 
-run() {  # run NAME COMMAND...: skip a finished run
-  local name=$1
-  shift
-  if [ -f "$out/$name/results.json" ]; then
-    echo "$name: done already"
-  else
-    "$@" --output "$out/$name"
-  fi
-}
+. "$(dirname "$0")/cached_run.sh"  # run NAME COMMAND...: skip a finished run
 
 for task in ${tasks[@]}; do
   recipe=(--task "$task" --data-dir "$data" --seed 42 --no-progress)
@@ -32,12 +28,17 @@ for task in ${tasks[@]}; do
   else
     recipe+=(--epochs 3)
   fi
-  teacher=(--teacher "$out/$task-dense")
+  dense="$out/$task-dense"
+  teacher=(--teacher "$dense")
   run "$task-dense" factorlab finetune "${recipe[@]}"
   for method in low-rank act-svd; do
     compress=(factorlab compress "${recipe[@]}" --method "$method" --param-ratio 0.5)
     run "$task-$method-0.5" "${compress[@]}"
     run "$task-$method-0.5-kd" "${compress[@]}" "${teacher[@]}"
+  done
+  for method in low-rank act-svd; do
+    compress=(factorlab compress "${recipe[@]}" --method "$method" --param-ratio 0.5)
+    run "$task-$method-0.5-ft-kd" "${compress[@]}" --model "$dense" "${teacher[@]}"
   done
   for method in low-rank act-svd; do
     compress=(factorlab compress "${recipe[@]}" --method "$method" --param-ratio 0.5)
