@@ -31,15 +31,16 @@ for task in ${tasks[@]}; do
   dense="$out/$task-dense"
   teacher=(--teacher "$dense")
   run "$task-dense" factorlab finetune "${recipe[@]}"
-  for method in low-rank act-svd; do
-    compress=(factorlab compress "${recipe[@]}" --method "$method" --param-ratio 0.5)
-    run "$task-$method-0.5" "${compress[@]}"
-    run "$task-$method-0.5-kd" "${compress[@]}" "${teacher[@]}"
-  done
+  lr=(factorlab compress "${recipe[@]}" --method low-rank --param-ratio 0.5)
+  run "$task-low-rank-0.5" "${lr[@]}"
+  run "$task-low-rank-0.5-kd" "${lr[@]}" "${teacher[@]}"
   for method in low-rank act-svd; do
     compress=(factorlab compress "${recipe[@]}" --method "$method" --param-ratio 0.5)
     run "$task-$method-0.5-ft-kd" "${compress[@]}" --model "$dense" "${teacher[@]}"
   done
+  act=(factorlab compress "${recipe[@]}" --method act-svd --param-ratio 0.5)
+  run "$task-act-svd-0.5" "${act[@]}"
+  run "$task-act-svd-0.5-kd" "${act[@]}" "${teacher[@]}"
   for method in low-rank act-svd; do
     compress=(factorlab compress "${recipe[@]}" --method "$method" --param-ratio 0.5)
     run "$task-$method-0.5-kd-hidden" "${compress[@]}" "${teacher[@]}" --distill-hidden 1

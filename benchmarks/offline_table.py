@@ -52,6 +52,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fwsvd-in": ("fwsvd", {"fisher_axis": "in"}),
     "act-svd": ("act-svd", {}),
     "autoencoder": ("autoencoder", {}),
+    "low-rank-global": ("low-rank", {"allocation": "global"}),
+    "fwsvd-out-global": ("fwsvd", {"fisher_axis": "out", "allocation": "global"}),
+    "act-svd-global": ("act-svd", {"allocation": "global"}),
 }
 """Table row name -> (registered method, options beyond param_ratio)."""
 

@@ -407,3 +407,16 @@ def test_prepared_accelerator_is_not_needed_for_a_second_train_call(tokenizer, r
             callbacks=[recorder],
         )
         assert result.state["lr"] == [1e-4, 5e-5] and result.state["lr_after"] == 0.0
+
+
+def test_report_labels_distilled_and_fine_tuned_starts():
+    from factorlab.bench.report import method_label
+
+    base = {"method": "low-rank", "config": {"method_options": {"param_ratio": 0.5}}}
+    assert method_label(base) == "low-rank"
+    kd = {"distillation": {"teacher": "t", "alpha": 0.5, "temperature": 2.0, "hidden_weight": 1.0}}
+    config = {**base["config"], **kd, "model": "runs/x/sst2-dense"}
+    assert method_label({**base, "config": config}) == "low-rank kd hidden=1 from sst2-dense"
+    config = {**config, "model": "embedded:all-MiniLM-L6-v2"}
+    config["distillation"] = {**config["distillation"], "hidden_weight": 0.0}
+    assert method_label({**base, "config": config}) == "low-rank kd"

@@ -50,7 +50,9 @@ def _mean_std(values: list[float]) -> str:
 
 def method_label(results: dict[str, Any]) -> str:
     """The method of a run with the options that distinguish its variants: ``low-rank``,
-    ``monarch nblocks=4``, ``low-rank staged`` (``param_ratio`` is shown separately)."""
+    ``monarch nblocks=4``, ``low-rank staged``, ``low-rank kd`` (distilled),
+    ``low-rank kd from sst2-dense`` (started from another model than the embedded default);
+    ``param_ratio`` is shown separately."""
     config = results.get("config") or {}
     options = {k: v for k, v in (config.get("method_options") or {}).items() if k != "param_ratio"}
     parts = [results["method"]]
@@ -60,6 +62,13 @@ def method_label(results: dict[str, Any]) -> str:
     ]
     if config.get("staged"):
         parts.append("staged")
+    distillation = config.get("distillation")
+    if distillation:
+        hidden = distillation.get("hidden_weight") or 0
+        parts.append("kd" + (f" hidden={hidden:g}" if hidden else ""))
+    model = config.get("model")
+    if model and not str(model).startswith("embedded:"):
+        parts.append(f"from {Path(model).name}")
     return " ".join(parts)
 
 
