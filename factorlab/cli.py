@@ -443,6 +443,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from factorlab.bench.latency import load_for_bench
+    from factorlab.export import export_onnx
+    from factorlab.io import check_output_location
+    from factorlab.models import load_tokenizer, resolve_model
+
+    path = resolve_model(args.model)
+    output = args.output or str(Path(path) / "model.onnx")
+    check_output_location(output)
+    model = load_for_bench(path)
+    written = export_onnx(model, load_tokenizer(path), output, opset=args.opset)
+    size = written.stat().st_size
+    print(f"wrote {written} ({size / 2**20:.1f} MiB), checked against PyTorch in onnxruntime")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from factorlab.bench.sweep import run_sweep
 
@@ -575,6 +591,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="print the top operators too")
     p.add_argument("--json", help="write the full result (all timings) to this file")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "export", help="export a checkpoint to ONNX (verified in onnxruntime against PyTorch)"
+    )
+    p.add_argument(
+        "model", nargs="?", help="checkpoint or HF model folder; default: the embedded MiniLM"
+    )
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="default onnx")
+    p.add_argument("--output", help="the .onnx file (default MODEL/model.onnx)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset version, default 18")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sweep", help="methods x param_ratios x tasks x seeds from a YAML file")
     p.add_argument("config", help="sweep YAML (see factorlab.bench.sweep for the schema)")

@@ -29,3 +29,7 @@ class CheckpointError(FactorlabError, ValueError):
 
 class OutputExistsError(FactorlabError, FileExistsError):
     """An output directory already holds a different run; pass ``overwrite=True`` to replace it."""
+
+
+class ExportError(FactorlabError, RuntimeError):
+    """An export failed, or the exported model does not compute what the PyTorch model does."""
