@@ -8,6 +8,7 @@
 #   TASK-METHOD-0.5[-kd]   factorize the pretrained MiniLM, then fine-tune (the core table's way)
 #   TASK-METHOD-0.5-ft-kd  factorize the dense model fine-tuned on TASK, then recover with
 #                          distillation from it (fine-tune -> compress -> recover)
+#   ...-hidden-lr2e-4      the same with hidden-state distillation and learning rate 2e-4
 # A run whose results.json exists is kept (runs are deterministic for a seed on CPU), so an
 # interrupted script resumes; rows are ordered by priority. Usage, one job per task in parallel:
 #   OMP_NUM_THREADS=1 bash benchmarks/distill_glue.sh OUT_DIR TASK...
@@ -34,11 +35,12 @@ for task in ${tasks[@]}; do
   lr=(factorlab compress "${recipe[@]}" --method low-rank --param-ratio 0.5)
   run "$task-low-rank-0.5" "${lr[@]}"
   run "$task-low-rank-0.5-kd" "${lr[@]}" "${teacher[@]}"
-  for method in low-rank act-svd; do
-    compress=(factorlab compress "${recipe[@]}" --method "$method" --param-ratio 0.5)
-    run "$task-$method-0.5-ft-kd" "${compress[@]}" --model "$dense" "${teacher[@]}"
-  done
+  run "$task-low-rank-0.5-ft-kd" "${lr[@]}" --model "$dense" "${teacher[@]}"
+  # two levers at once beyond the default recipe: hidden-state distillation and a 2x learning rate
+  run "$task-low-rank-0.5-ft-kd-hidden-lr2e-4" "${lr[@]}" --model "$dense" "${teacher[@]}" \
+    --distill-hidden 1 --learning-rate 2e-4
   act=(factorlab compress "${recipe[@]}" --method act-svd --param-ratio 0.5)
+  run "$task-act-svd-0.5-ft-kd" "${act[@]}" --model "$dense" "${teacher[@]}"
   run "$task-act-svd-0.5" "${act[@]}"
   run "$task-act-svd-0.5-kd" "${act[@]}" "${teacher[@]}"
   for method in low-rank act-svd; do
