@@ -409,13 +409,18 @@ def test_prepared_accelerator_is_not_needed_for_a_second_train_call(tokenizer, r
         assert result.state["lr"] == [1e-4, 5e-5] and result.state["lr_after"] == 0.0
 
 
-def test_report_labels_distilled_and_fine_tuned_starts():
+def test_report_labels_distilled_and_fine_tuned_starts(tmp_path, tiny_model_dir):
     from factorlab.bench.report import method_label
 
+    start = tmp_path / "sst2-dense"
+    start.mkdir()
+    (start / "results.json").write_text("{}")
     base = {"method": "low-rank", "config": {"method_options": {"param_ratio": 0.5}}}
     assert method_label(base) == "low-rank"
+    plain_start = {**base, "config": {**base["config"], "model": str(tiny_model_dir)}}
+    assert method_label(plain_start) == "low-rank"  # a plain model folder is no run to name
     kd = {"distillation": {"teacher": "t", "alpha": 0.5, "temperature": 2.0, "hidden_weight": 1.0}}
-    config = {**base["config"], **kd, "model": "runs/x/sst2-dense"}
+    config = {**base["config"], **kd, "model": str(start)}
     assert method_label({**base, "config": config}) == "low-rank kd hidden=1 from sst2-dense"
     config = {**config, "model": "embedded:all-MiniLM-L6-v2"}
     config["distillation"] = {**config["distillation"], "hidden_weight": 0.0}

@@ -51,7 +51,8 @@ def _mean_std(values: list[float]) -> str:
 def method_label(results: dict[str, Any]) -> str:
     """The method of a run with the options that distinguish its variants: ``low-rank``,
     ``monarch nblocks=4``, ``low-rank staged``, ``low-rank kd`` (distilled),
-    ``low-rank kd from sst2-dense`` (started from another model than the embedded default);
+    ``low-rank kd from sst2-dense`` (started from the model of another factorlab run, e.g. a
+    fine-tuned dense one, when that run folder is found from here);
     ``param_ratio`` is shown separately."""
     config = results.get("config") or {}
     options = {k: v for k, v in (config.get("method_options") or {}).items() if k != "param_ratio"}
@@ -67,7 +68,7 @@ def method_label(results: dict[str, Any]) -> str:
         hidden = distillation.get("hidden_weight") or 0
         parts.append("kd" + (f" hidden={hidden:g}" if hidden else ""))
     model = config.get("model")
-    if model and not str(model).startswith("embedded:"):
+    if model and (Path(model) / "results.json").is_file():  # started from another factorlab run
         parts.append(f"from {Path(model).name}")
     return " ".join(parts)
 
