@@ -84,10 +84,7 @@ def allocate_global(
         ConfigError: ``min_rank`` or ``max_param_ratio`` out of range, or the floors alone
             exceed the budget (names the smallest feasible ``param_ratio``).
     """
-    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
-        raise ConfigError(f"min_rank must be an int >= 1, got {min_rank!r}")
-    if not 0 < max_param_ratio <= 1:
-        raise ConfigError(f"max_param_ratio must be in (0, 1], got {max_param_ratio}")
+    check_allocation("global", min_rank, max_param_ratio)
     gains = {
         name: s.gains / s.gains.sum().clamp_min(1e-300) if normalize else s.gains
         for name, s in spectra.items()
@@ -124,7 +121,16 @@ def allocate_global(
     return ranks
 
 
-def check_allocation(allocation: str) -> None:
-    """Raises ConfigError unless ``allocation`` is one of ``ALLOCATIONS``."""
+def check_allocation(allocation: str, min_rank: int = 1, max_param_ratio: float = 1.0) -> None:
+    """Validate allocation options (a config's, before any work).
+
+    Raises:
+        ConfigError: ``allocation`` not in ``ALLOCATIONS``, ``min_rank`` not an int >= 1, or
+            ``max_param_ratio`` not in (0, 1].
+    """
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
+        raise ConfigError(f"min_rank must be an int >= 1, got {min_rank!r}")
+    if not isinstance(max_param_ratio, (int, float)) or not 0 < max_param_ratio <= 1:
+        raise ConfigError(f"max_param_ratio must be in (0, 1], got {max_param_ratio!r}")

@@ -236,12 +236,13 @@ def _print_summary(results: dict[str, Any], output: str) -> None:
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
     task = f" --task {results['task']}" if results["task"] else " --task TASK"
-    print(
-        "next:\n"
-        f"  factorlab evaluate {output}{task}      # dev metrics again, from the checkpoint\n"
-        f"  factorlab bench {output}                # latency and memory against dense\n"
-        f"  factorlab info {output}                 # method, per-module ranks, parameters"
-    )
+    commands = [
+        (f"factorlab evaluate {output}{task}", "dev metrics again, from the checkpoint"),
+        (f"factorlab bench {output}", "latency and memory against dense"),
+        (f"factorlab info {output}", "method, per-module ranks, parameters"),
+    ]
+    width = max(len(c) for c, _ in commands)
+    print("next:\n" + "\n".join(f"  {c.ljust(width)}  # {why}" for c, why in commands))
 
 
 def _describe_distillation(distillation: dict[str, Any] | None) -> str:
@@ -309,14 +310,20 @@ def cmd_stability(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from factorlab.checkpoint import check_weights, is_checkpoint, read_spec
-    from factorlab.models import load_model, load_tokenizer, max_tokens, resolve_model
+    from factorlab.models import (
+        is_sequence_classifier,
+        load_model,
+        load_tokenizer,
+        max_tokens,
+        resolve_model,
+    )
     from factorlab.tasks import check_task_available, get_task, load_split
     from factorlab.training import EncodedSplit, evaluate
 
     path = resolve_model(args.checkpoint)
     if is_checkpoint(path):
         check_weights(path, read_spec(path))
-    elif not _is_sequence_classifier(path):
+    elif not is_sequence_classifier(path):
         raise _usage(
             f"{args.checkpoint} is neither a factorlab checkpoint nor a Hugging Face sequence "
             "classifier, so it has no task head to evaluate. Fine-tune it first: factorlab "
@@ -340,16 +347,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         json.dumps({"checkpoint": args.checkpoint, "task": task.name, "metrics": metrics}, indent=2)
     )
     return 0
-
-
-def _is_sequence_classifier(path: str) -> bool:
-    from transformers import AutoConfig
-
-    try:
-        architectures = AutoConfig.from_pretrained(path).architectures or []
-    except (OSError, ValueError):
-        return False
-    return any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

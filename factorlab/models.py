@@ -15,7 +15,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from factorlab.checkpoint import is_checkpoint, load
+from factorlab.checkpoint import is_checkpoint, load, read_spec
 from factorlab.errors import ConfigError, DataError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2 (embedded)"
@@ -72,6 +72,28 @@ def _hub_error(name: str, exc: Exception) -> DataError:
         + ("can be loaded offline (HF_HUB_OFFLINE=1)." if offline else "could be downloaded.")
         + " Pass a folder with config.json, or omit --model for the embedded MiniLM."
     )
+
+
+def saved_architectures(path: str) -> list[str]:
+    """The model classes a model folder holds: a factorlab checkpoint's spec names the class it
+    saved (``config.json`` of checkpoints written before the spec fix says ``BertModel`` for a
+    classifier), else ``config.json``'s ``architectures``; ``[]`` when unreadable.
+
+    Raises:
+        CheckpointError: a damaged checkpoint spec (see ``read_spec``).
+    """
+    if is_checkpoint(path):
+        return [read_spec(path)["architecture"]]
+    try:
+        return list(AutoConfig.from_pretrained(path).architectures or [])
+    except (OSError, ValueError):
+        return []
+
+
+def is_sequence_classifier(path: str) -> bool:
+    """Whether the model folder holds a sequence classifier (a task head to evaluate or to
+    distill from)."""
+    return any(a.endswith("ForSequenceClassification") for a in saved_architectures(path))
 
 
 def max_tokens(name_or_path: str) -> int | None:

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from factorlab.calibration import CalibrationConfig, resolve_calibration, run_calibration
-from factorlab.checkpoint import is_checkpoint, read_spec, save
+from factorlab.checkpoint import is_checkpoint, save
 from factorlab.errors import ConfigError, DataError, OutputExistsError
 from factorlab.io import OutputLock, check_output_location
 from factorlab.methods import (
@@ -35,6 +35,7 @@ from factorlab.models import (
     load_tokenizer,
     max_tokens,
     resolve_model,
+    saved_architectures,
 )
 from factorlab.targets import select_targets
 from factorlab.tasks import GlueSplit, GlueTask, check_task_available, get_task, load_split
@@ -188,11 +189,12 @@ def prepare_run(config: RunConfig, overwrite: bool = False) -> PreparedRun:
     task = get_task(config.task) if config.task else None
     schedule = config.staged if config.staged is not None else Simultaneous()
     schedule.check(factorization, task is not None)
+    # Accelerator(), not a bare PartialState(): that would ignore ACCELERATE_USE_CPU and, being
+    # shared, fix one process for the whole launch
+    accelerator = Accelerator()
     if task is not None:
         check_task_available(task, config.data_dir)
-        # Accelerator(), not a bare PartialState(): that would ignore ACCELERATE_USE_CPU and,
-        # being shared, fix one process for the whole launch
-        micro_batch_size(config.training, Accelerator().num_processes)
+        micro_batch_size(config.training, accelerator.num_processes)
     model_path = resolve_model(config.model)
     limit = max_tokens(model_path) if task is not None else None
     if limit is not None and config.training.max_seq_length > limit:
@@ -212,7 +214,7 @@ def prepare_run(config: RunConfig, overwrite: bool = False) -> PreparedRun:
         model_path,
     )
     check_output(config.output, config.to_dict(), overwrite)
-    lock = OutputLock(config.output) if Accelerator().is_main_process else None
+    lock = OutputLock(config.output) if accelerator.is_main_process else None
     return PreparedRun(config, model_path, task, factorization, calibration, schedule, lock)
 
 
@@ -256,8 +258,7 @@ def check_distillation(
         student_config = AutoConfig.from_pretrained(student_path)
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read the config of teacher {teacher_path}: {exc}") from exc
-    if is_checkpoint(teacher_path):  # the spec names the class that was saved
-        teacher_config.architectures = [read_spec(teacher_path)["architecture"]]
+    teacher_config.architectures = saved_architectures(teacher_path)
     check_teacher(teacher_config, student_config, distillation, task.num_labels)
 
 
@@ -283,14 +284,15 @@ def versions() -> dict[str, str]:
     }
 
 
-def load_objective(run: PreparedRun, accelerator: Accelerator) -> Objective:
-    """The run's loss: its task loss, with distillation from the teacher when configured."""
+def load_objective(run: PreparedRun) -> Objective:
+    """The run's loss: its task loss, with distillation from the teacher when configured (the
+    training loop moves the teacher to the batches' device)."""
     task, distillation = run.task, run.config.distillation
     assert task is not None
     if distillation is None:
         return Objective(task.is_regression)
     teacher = load_model(distillation.teacher, task.num_labels, task.is_regression)
-    return Objective(task.is_regression, distillation, teacher).to(accelerator.device)
+    return Objective(task.is_regression, distillation, teacher)
 
 
 def execute(run: PreparedRun, progress: bool = True, log: Any = print) -> dict[str, Any]:
@@ -365,7 +367,7 @@ def _execute(run: PreparedRun, progress: bool, log: Any) -> dict[str, Any]:
             )
             for split in task.eval_splits
         }
-        objective = load_objective(run, accelerator)
+        objective = load_objective(run)
         timings["data"] = time.perf_counter() - start
         job = TrainingJob(
             train_data, tokenizer, training, accelerator, objective, progress=progress, log=say

@@ -390,7 +390,7 @@ def test_cli_on_two_processes_writes_one_results_file(tmp_path, tiny_model_dir, 
     assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]  # no stray partials
 
 
-def test_prepared_accelerator_is_not_needed_for_a_second_train_call(tokenizer, rte_train):
+def test_one_accelerator_trains_twice_with_fresh_schedules(tokenizer, rte_train):
     """The same accelerator trains twice (as the staged phases do), each with its own schedule."""
     accelerator = Accelerator()
     model = bert(tokenizer)

@@ -105,10 +105,10 @@ def plan_modules(
 
     Uniform allocation needs only shapes, so it also runs on a model built on the meta device
     (a run checks its plan before loading weights; calibration is then not required). Global
-    allocation (``config.allocation``)
-    reads every weight's spectrum in the method's objective (``Method.spectrum``, with the
-    module's calibration statistics) and spends ``floor(param_ratio * sum m n)`` parameters
-    with ``factorlab.allocation.allocate_global``; on meta weights it checks only the targets.
+    allocation (``config.allocation``) reads every weight's spectrum in the method's objective
+    (``Method.spectrum``, with the module's calibration statistics) and spends
+    ``floor(param_ratio * sum m n)`` parameters with ``factorlab.allocation.allocate_global``;
+    on meta weights it checks only the targets (and returns no budgets or ranks).
 
     Returns:
         ``(targets, budgets, ranks)``, one entry per targeted module; a rank of ``None`` leaves
@@ -116,10 +116,9 @@ def plan_modules(
 
     Raises:
         TargetError: see ``select_targets``. ConfigError: missing calibration statistics for a
-            data-aware method, an infeasible budget, a method without
-            ``spectrum`` under global allocation, or a plan that would factorize no module at all
-            although ``param_ratio < 1`` (the model would keep everything while the run reported
-            compression).
+            data-aware method, an infeasible budget, a method without ``spectrum`` under global
+            allocation, or a plan that would factorize no module at all although
+            ``param_ratio < 1`` (the model would keep everything while the run reported it).
     """
     method = get_method(config)
     targets = select_targets(model, config.target_modules, config.exclude_modules)
@@ -195,16 +194,6 @@ def factorize_(
         TargetError: see ``select_targets``.
     """
     method = get_method(config)
-    if method.needs_calibration:
-        names = [
-            t.name for t in select_targets(model, config.target_modules, config.exclude_modules)
-        ]
-        missing = [n for n in names if calibration is None or n not in calibration]
-        if missing:
-            raise ConfigError(
-                f"method {method.name!r} needs calibration statistics; none for {missing[:3]}... "
-                "Collect them with factorlab.calibration first."
-            )
     targets, budgets, plans = plan_modules(model, config, calibration)
 
     grouped: dict[str, Projected] | None = None

@@ -51,20 +51,12 @@ class FactorizationConfig:
     def __post_init__(self) -> None:
         from factorlab.allocation import check_allocation
 
-        check_allocation(self.allocation)
+        check_allocation(self.allocation, self.min_rank, self.max_param_ratio)
         if self.allocation == "global" and self.rank_pattern:
             raise ConfigError(
                 "rank_pattern and allocation='global' exclude each other: the global allocator "
                 "chooses every rank; give one of them"
             )
-        if (
-            isinstance(self.min_rank, bool)
-            or not isinstance(self.min_rank, int)
-            or self.min_rank < 1
-        ):
-            raise ConfigError(f"min_rank must be an int >= 1, got {self.min_rank!r}")
-        if not isinstance(self.max_param_ratio, (int, float)) or not 0 < self.max_param_ratio <= 1:
-            raise ConfigError(f"max_param_ratio must be in (0, 1], got {self.max_param_ratio!r}")
         if isinstance(self.param_ratio, bool) or not isinstance(self.param_ratio, (int, float)):
             raise ConfigError(f"param_ratio must be a number in (0, 1], got {self.param_ratio!r}")
         if not 0.0 < self.param_ratio <= 1.0:

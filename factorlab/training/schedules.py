@@ -67,6 +67,9 @@ class Simultaneous:
         job: TrainingJob | None,
         calibrate: Callable[..., dict[str, Any]] | None = None,
     ) -> ScheduleResult:
+        """Calibrate (when ``calibrate`` is given), factorize every target, then fine-tune on
+        ``job`` for its full step budget; ``factorization=None``: only fine-tune; ``job=None``:
+        only factorize. The model changes in place."""
         timings: dict[str, float] = {}
         report = None
         if factorization is not None:
