@@ -293,34 +293,39 @@ def _wait_for(condition, process, timeout: float = 120) -> None:
 
 
 def test_two_runs_to_one_output_at_once(tmp_path, tiny_model_dir, tiny_glue_dir):
-    """The second run is refused while the first holds the output's lock; the first finishes."""
+    """The second run is refused while the first holds the output's lock; the first finishes.
+
+    The first run pauses 15 s after writing its weights (still holding the lock, its folder
+    still partial), so the overlap does not depend on how fast the machine trains."""
     out = tmp_path / "run"
-    first = _compress_process(tiny_model_dir, tiny_glue_dir, out, steps=400)
-    lock = tmp_path / ".run.lock"
-    _wait_for(lock.exists, first)
-    time.sleep(1.0)  # the lock is taken right after the file is created
-    second = _compress_process(tiny_model_dir, tiny_glue_dir, out, steps=2)
+    first = _compress_process(tiny_model_dir, tiny_glue_dir, out, steps=2, code=PAUSED_SAVE % 15)
+    partials = lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".run.partial-")]  # noqa: E731
+    _wait_for(lambda: any((p / "factorized.safetensors").exists() for p in partials()), first)
+    second = _compress_process(tiny_model_dir, tiny_glue_dir, out, steps=3)
     _, err = second.communicate(timeout=120)
     assert second.returncode == 2, err[-2000:]
     assert "another factorlab run is writing" in err and "Traceback" not in err
-    assert first.poll() is None, "the first run should still be training"
+    assert first.poll() is None, "the first run should still hold the lock"
     stdout, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
     assert "saved to" in stdout and json.loads((out / "results.json").read_text())["train"]
 
 
-KILLED_DURING_SAVE = """
+PAUSED_SAVE = """
 import sys, time
 import factorlab.checkpoint as checkpoint
 original = checkpoint.fix_mode
 def slow(path):
     original(path)
     print("WRITTEN", flush=True)
-    time.sleep(600)
+    time.sleep(%d)
 checkpoint.fix_mode = slow
 from factorlab.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+
+
+KILLED_DURING_SAVE = PAUSED_SAVE % 600
 
 
 def test_a_run_killed_during_save_loses_nothing(tmp_path, tiny_model_dir, tiny_glue_dir):
