@@ -1,12 +1,37 @@
-# Sourced by the benchmark scripts: `run NAME COMMAND...` runs COMMAND with `--output $out/NAME`
+# Sourced by the benchmark scripts. `run NAME COMMAND...` runs COMMAND with `--output $out/NAME`
 # unless that run folder already holds a results.json (runs are deterministic for a seed on CPU),
 # so an interrupted script resumes where it stopped. Needs $out.
+# LANE=i/n (optional) runs only every n-th row starting at row i (0-based), so n copies of one
+# script with LANE=0/n ... LANE=(n-1)/n share its rows as parallel single-thread jobs.
+# ONLY="NAME..." (optional) runs only the rows of those names.
+_row=0
 run() {
   local name=$1
   shift
+  local lane=${LANE:-0/1}
+  local row=$_row
+  _row=$((_row + 1))
+  if [ $((row % ${lane#*/})) -ne "${lane%/*}" ]; then
+    return 0
+  fi
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
+    return 0
+  fi
   if [ -f "$out/$name/results.json" ]; then
     echo "$name: done already"
   else
     "$@" --output "$out/$name"
+  fi
+}
+
+# task_recipe TASK: sets the array `recipe` to the GLUE recipe every benchmark script shares
+# (lr 1e-4, batch 32, len 128 by default; seed 42; SST-2 a seeded 10k subset for 2 epochs = 626
+# steps, other tasks their full train sets for 3 epochs). Needs $data.
+task_recipe() {
+  recipe=(--task "$1" --data-dir "$data" --seed 42 --no-progress)
+  if [ "$1" = sst2 ]; then
+    recipe+=(--train-samples 10000 --epochs 2)
+  else
+    recipe+=(--epochs 3)
   fi
 }

@@ -10,16 +10,10 @@ out=${1:-runs/core}
 data=${GLUE_DIR:-../shared/data/glue}
 export HF_HUB_OFFLINE=1
 
-. "$(dirname "$0")/cached_run.sh"  # run NAME COMMAND...: skip a finished run
+. "$(dirname "$0")/cached_run.sh"  # run NAME COMMAND..., task_recipe TASK
 
 for task in sst2 mrpc rte; do
-  recipe=(--task "$task" --data-dir "$data" --seed 42 --no-progress)
-  if [ "$task" = sst2 ]; then
-    # 67k training sentences: a seeded 10k subset for 2 epochs keeps it affordable on 2 cores.
-    recipe+=(--train-samples 10000 --epochs 2)
-  else
-    recipe+=(--epochs 3)
-  fi
+  task_recipe "$task"  # SST-2's 67k sentences: a seeded 10k subset keeps it affordable on 2 cores
   run "$task-dense" factorlab finetune "${recipe[@]}"
   run "$task-low-rank-0.5" factorlab compress "${recipe[@]}" --method low-rank --param-ratio 0.5
 done

@@ -20,15 +20,10 @@ tasks=("${@:-sst2 mrpc}")
 data=${GLUE_DIR:-../shared/data/glue}
 export HF_HUB_OFFLINE=1
 
-. "$(dirname "$0")/cached_run.sh"  # run NAME COMMAND...: skip a finished run
+. "$(dirname "$0")/cached_run.sh"  # run NAME COMMAND..., task_recipe TASK
 
 for task in ${tasks[@]}; do
-  recipe=(--task "$task" --data-dir "$data" --seed 42 --no-progress)
-  if [ "$task" = sst2 ]; then
-    recipe+=(--train-samples 10000 --epochs 2)
-  else
-    recipe+=(--epochs 3)
-  fi
+  task_recipe "$task"
   dense="$out/$task-dense"
   teacher=(--teacher "$dense")
   run "$task-dense" factorlab finetune "${recipe[@]}"

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,21 @@ def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_runtime_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--runtime",
+        choices=["torch", "onnxruntime"],
+        default="torch",
+        help=f"torch (eager, default) or onnxruntime: exported to ONNX, verified against "
+        f"PyTorch, then {what} in ONNX Runtime",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="with --runtime onnxruntime: dynamic int8 quantization of the weight MatMuls",
+    )
+
+
 def _add_option_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--option",
@@ -174,6 +190,43 @@ def _calibration(args: argparse.Namespace) -> Any:
     return CalibrationConfig(task=task, file=file, samples=512 if samples is None else samples)
 
 
+METHOD_FLAGS = ("sparsity", "pruning", "mixed_rank_q", "basis_size", "nnz_per_row", "groups")
+"""Compress flags of one method (LPAF, DSFormer) that set its config field of the same name."""
+
+
+def _add_lpaf_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LPAF (--method lpaf: prune, factorize, fine-tune with mixed ranks)")
+    g.add_argument(
+        "--sparsity",
+        type=float,
+        help="fraction of each targeted weight REMOVED by pruning, default 1 - param_ratio",
+    )
+    g.add_argument(
+        "--pruning",
+        choices=["movement", "soft-movement", "magnitude"],
+        help="pruning while fine-tuning, default movement",
+    )
+    g.add_argument(
+        "--mixed-rank-q",
+        type=float,
+        help="initial probability of a layer's sparse full-rank path, annealed to 0 over the "
+        "first half of fine-tuning; 0 turns mixed-rank training off (default 0.5)",
+    )
+
+
+def _add_dsformer_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("DSFormer (--method dsformer: dense basis x s-sparse coefficients)")
+    g.add_argument(
+        "--basis-size", type=int, metavar="K", help="rows of each dense basis, default: budget"
+    )
+    g.add_argument(
+        "--nnz-per-row", type=int, metavar="S", help="non-zeros per row of C, default: budget"
+    )
+    g.add_argument(
+        "--groups", type=int, metavar="G", help="row groups with their own basis, default 1"
+    )
+
+
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"param_ratio": args.param_ratio}
     if args.nblocks is not None:
@@ -190,6 +243,9 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         options["exclude_modules"] = args.exclude_modules
     if getattr(args, "allocation", None) is not None:
         options["allocation"] = args.allocation
+    for flag in METHOD_FLAGS:
+        if getattr(args, flag, None) is not None:
+            options[flag] = getattr(args, flag)
     for item in getattr(args, "option", None) or []:
         key, value = _parse_option(item)
         if key in options:
@@ -229,6 +285,11 @@ def _print_summary(results: dict[str, Any], output: str) -> None:
         ("task", results["task"] or "-"),
         ("metrics", metrics),
         ("targeted params", f"{p['targeted_before']:,} -> {p['targeted_after']:,}"),
+        *(
+            [("targeted bytes", f"{p['targeted_bytes_before']:,} -> {p['targeted_bytes_after']:,}")]
+            if "targeted_bytes_after" in p
+            else []
+        ),
         ("model params", f"{p['model_before']:,} -> {p['model_after']:,}"),
         ("timings (s)", ", ".join(f"{k} {v:.1f}" for k, v in results["timings"].items())),
         ("saved to", output),
@@ -336,17 +397,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise _usage(f"--max-seq-length must be in [8, {limit}], got {args.max_seq_length}")
     if args.eval_batch_size < 1:
         raise _usage(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
+    from factorlab.bench.onnx_runtime import check_runtime
+
+    check_runtime(args.runtime, args.int8)
     model = load_model(args.checkpoint, num_labels=task.num_labels, regression=task.is_regression)
     tokenizer = load_tokenizer(args.checkpoint)
-    metrics: dict[str, float] = {}
-    for i, split in enumerate(task.eval_splits):
-        data = EncodedSplit(load_split(task, split, args.data_dir), tokenizer, args.max_seq_length)
-        scores = evaluate(model, data, tokenizer, args.eval_batch_size)
-        metrics.update({(k if i == 0 else f"{split}/{k}"): v for k, v in scores.items()})
-    print(
-        json.dumps({"checkpoint": args.checkpoint, "task": task.name, "metrics": metrics}, indent=2)
-    )
+    with _deployed(model, tokenizer, args.runtime, args.int8) as deployed:
+        metrics: dict[str, float] = {}
+        for i, split in enumerate(task.eval_splits):
+            split_data = load_split(task, split, args.data_dir)
+            data = EncodedSplit(split_data, tokenizer, args.max_seq_length)
+            if deployed is None:
+                scores = evaluate(model, data, tokenizer, args.eval_batch_size)
+            else:
+                from factorlab.bench.onnx_runtime import predict_onnx
+                from factorlab.tasks import compute_metrics
+
+                predictions = predict_onnx(deployed, data, tokenizer, args.eval_batch_size)
+                scores = compute_metrics(task, predictions, data.labels)
+            metrics.update({(k if i == 0 else f"{split}/{k}"): v for k, v in scores.items()})
+    record = {"checkpoint": args.checkpoint, "task": task.name, "metrics": metrics}
+    if args.runtime != "torch":
+        record |= {"runtime": args.runtime, "int8": args.int8}
+    print(json.dumps(record, indent=2))
     return 0
+
+
+@contextlib.contextmanager
+def _deployed(model: Any, tokenizer: Any, runtime: str, int8: bool) -> Iterator[Any]:
+    """``None`` for PyTorch, else the model exported (and quantized) to a temporary folder and
+    opened in ONNX Runtime."""
+    if runtime == "torch":
+        yield None
+        return
+    import tempfile
+
+    from factorlab.bench.onnx_runtime import export_for_runtime
+
+    with tempfile.TemporaryDirectory(prefix="factorlab-evaluate-") as folder:
+        yield export_for_runtime(model, tokenizer, folder, "model", int8)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -420,7 +509,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise _usage(f"{flag} must be >= {low}, got {value}")
     if args.threads is not None and args.threads < 1:
         raise _usage(f"--threads must be >= 1, got {args.threads}")
+    from factorlab.bench.onnx_runtime import check_runtime
+
+    check_runtime(args.runtime, args.int8)
+    if args.profile and args.runtime != "torch":
+        raise _usage("--profile lists PyTorch operators: use it with --runtime torch")
     model = load_for_bench(args.model)
+    tokenizer = None
+    if args.runtime == "onnxruntime":
+        from factorlab.models import load_tokenizer
+
+        tokenizer = load_tokenizer(resolve_model(args.model))
     result = bench(
         model,
         batch_sizes,
@@ -430,6 +529,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         memory=not args.no_memory,
         name=args.model or "embedded:all-MiniLM-L6-v2",
+        runtime=args.runtime,
+        int8=args.int8,
+        tokenizer=tokenizer,
     )
     print(format_bench(result))
     if args.profile:
@@ -506,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="uniform: every matrix keeps --param-ratio (default); global: one budget over all "
         "matrices, ranks where the method's truncation error drops most per parameter",
     )
+    _add_lpaf_args(p)
+    _add_dsformer_args(p)
     _add_option_arg(p)
     p.add_argument("--output", required=True, help="run folder: checkpoint + results.json")
     p.add_argument(
@@ -560,6 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-batch-size", type=int, default=128, help="examples per batch, default 128"
     )
+    _add_runtime_args(p, "evaluated")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("info", help="what a checkpoint holds")
@@ -585,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=20, help="timed runs per model, default 20")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first, default 3")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    _add_runtime_args(p, "timed (the model and its dense reference)")
     p.add_argument("--profile", action="store_true", help="print the top operators too")
     p.add_argument("--json", help="write the full result (all timings) to this file")
     p.set_defaults(func=cmd_bench)

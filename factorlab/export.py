@@ -9,8 +9,10 @@ PyTorch's (``torch.testing.assert_close``) before the file is written to its pla
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -113,17 +115,19 @@ def export_onnx(
     try:
         exported = work / "exported.onnx"  # the exporter may put the weights in a side file
         try:
-            torch.onnx.export(
-                wrapped,
-                (),
-                str(exported),
-                kwargs=traced,
-                input_names=names,
-                output_names=[output_name],
-                dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names},
-                opset_version=opset,
-                dynamo=True,
-            )
+            # the exporter prints its progress to stdout, which commands keep for their results
+            with contextlib.redirect_stdout(sys.stderr):
+                torch.onnx.export(
+                    wrapped,
+                    (),
+                    str(exported),
+                    kwargs=traced,
+                    input_names=names,
+                    output_names=[output_name],
+                    dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names},
+                    opset_version=opset,
+                    dynamo=True,
+                )
         except Exception as exc:  # the exporter's errors have no common base class
             raise ExportError(f"ONNX export of {type(model).__name__} failed: {exc}") from exc
         final = work / output.name

@@ -28,6 +28,7 @@ from factorlab.methods import (
     count_parameters,
     make_config,
     plan_modules,
+    targeted_bytes,
 )
 from factorlab.models import (
     default_model_path,
@@ -187,7 +188,11 @@ def prepare_run(config: RunConfig, overwrite: bool = False) -> PreparedRun:
     """
     factorization = make_config(config.method, **config.method_options) if config.method else None
     task = get_task(config.task) if config.task else None
-    schedule = config.staged if config.staged is not None else Simultaneous()
+    schedule = config.staged
+    if schedule is None and factorization is not None:
+        schedule = factorization.make_schedule()
+    if schedule is None:
+        schedule = Simultaneous()
     schedule.check(factorization, task is not None)
     # Accelerator(), not a bare PartialState(): that would ignore ACCELERATE_USE_CPU and, being
     # shared, fix one process for the whole launch
@@ -309,7 +314,8 @@ def _execute(run: PreparedRun, progress: bool, log: Any) -> dict[str, Any]:
     """Run a prepared run and save it; returns the ``results.json`` content.
 
     ``results.json`` holds ``method``, ``param_ratio``, ``seed``, ``task``, ``model``,
-    ``parameters`` {targeted_before, targeted_after, model_before, model_after}, ``metrics``
+    ``parameters`` {targeted_before, targeted_after, model_before, model_after, and for a
+    factorized run targeted_bytes_before / _after: ``targeted_bytes``}, ``metrics``
     (fractions), ``train`` (steps, examples, processes, losses, loss components, optimizer groups,
     callback state, distillation), ``timings`` (seconds per phase), ``versions``,
     ``factorization`` (per-module report) and the full ``config``.
@@ -407,6 +413,8 @@ def _execute(run: PreparedRun, progress: bool, log: Any) -> dict[str, Any]:
         }
         if isinstance(result, StagedTrainResult):
             train_info["stages"] = [s.to_dict() for s in result.stages]
+        if result.phases:
+            train_info["phases"] = result.phases
         start = time.perf_counter()
         say(
             f"evaluating on {', '.join(f'{k} ({len(v):,} examples)' for k, v in eval_data.items())}"
@@ -418,6 +426,11 @@ def _execute(run: PreparedRun, progress: bool, log: Any) -> dict[str, Any]:
             metrics.update({(k if i == 0 else f"{split}/{k}"): v for k, v in scores.items()})
         timings["evaluate"] = time.perf_counter() - start
 
+    sizes = {}
+    if report is not None:
+        sizes["targeted_bytes_before"], sizes["targeted_bytes_after"] = targeted_bytes(
+            model, report
+        )
     results = {
         "method": config.method or "dense",
         "param_ratio": run.factorization.param_ratio if run.factorization else 1.0,
@@ -430,6 +443,7 @@ def _execute(run: PreparedRun, progress: bool, log: Any) -> dict[str, Any]:
             "targeted_after": targeted_after,
             "model_before": model_before,
             "model_after": count_parameters(model),
+            **sizes,
         },
         "metrics": metrics,
         "main_metric": task.main_metric if task else None,

@@ -3,10 +3,13 @@ and sequence axes, and matches PyTorch (checked by the command before it succeed
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from factorlab.bench.latency import load_for_bench
 from factorlab.checkpoint import load
 from factorlab.cli import main
 from factorlab.export import example_inputs
@@ -61,3 +64,68 @@ def test_export_bad_output(tmp_path, tiny_model_dir, capsys):
     assert "is a file, not a folder" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_bench_in_onnxruntime_times_the_model_and_its_dense_reference(
+    int8, tmp_path, tiny_model_dir, capsys
+):
+    run = tmp_path / "run"
+    argv = ["compress", "--model", str(tiny_model_dir), "--param-ratio", "0.25", "--no-progress"]
+    assert main([*argv, "--output", str(run)]) == 0
+    out = tmp_path / "bench.json"
+    argv = ["bench", str(run), "--runtime", "onnxruntime", "--batch-sizes", "1,2"]
+    argv += ["--seq-len", "16", "--threads", "1", "--runs", "5", "--json", str(out)]
+    assert main([*argv, *(["--int8"] if int8 else [])]) == 0
+    result = json.loads(out.read_text())
+    assert result["runtime"] == "onnxruntime" and result["int8"] is int8
+    assert result["factorized"] and [b["batch_size"] for b in result["batches"]] == [1, 2]
+    for b in result["batches"]:
+        assert b["model"]["runs"] == b["dense"]["runs"] == 5 and b["latency_ratio"] > 0
+        # bytes are the ONNX files': the factorized model's is smaller than the dense one's
+        assert 0 < b["model"]["param_bytes"] < b["dense"]["param_bytes"]
+        assert b["model"]["peak_memory_bytes"] is None  # not measured in ONNX Runtime
+    assert "onnxruntime" in capsys.readouterr().out
+
+
+def test_int8_quantizes_every_matmul_and_shrinks_the_file(tmp_path, tiny_model_dir, tokenizer):
+    import onnx
+
+    from factorlab.bench.onnx_runtime import export_for_runtime
+
+    model = load_for_bench(str(tiny_model_dir))
+    fp32 = export_for_runtime(model, tokenizer, tmp_path, "m")
+    int8 = export_for_runtime(model, tokenizer, tmp_path, "m", int8=True)
+    before = [n.op_type for n in onnx.load(str(fp32.path)).graph.node]
+    after = [n.op_type for n in onnx.load(str(int8.path)).graph.node]
+    # every weight MatMul (6 per block) is quantized; attention's two activation MatMuls are not
+    layers = model.config.num_hidden_layers
+    assert after.count("MatMulInteger") == 6 * layers
+    assert after.count("MatMul") == before.count("MatMul") - 6 * layers == 2 * layers
+    assert int8.file_bytes() < 0.5 * fp32.file_bytes()
+    ids = torch.randint(1, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        expected = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(torch.from_numpy(fp32(ids)), expected, rtol=1e-4, atol=1e-4)
+    # int8 is an approximation: close, not equal
+    error = (torch.from_numpy(int8(ids)) - expected).norm() / expected.norm()
+    assert 0 < error < 0.1
+
+
+def test_int8_needs_onnxruntime(tiny_model_dir, capsys):
+    assert main(["bench", str(tiny_model_dir), "--int8"]) == 2
+    assert "--runtime onnxruntime" in capsys.readouterr().err
+
+
+def test_evaluate_in_onnxruntime_matches_pytorch(tmp_path, tiny_model_dir, tiny_glue_dir, capsys):
+    run = tmp_path / "run"
+    argv = ["compress", "--model", str(tiny_model_dir), "--task", "rte", "--data-dir"]
+    argv += [str(tiny_glue_dir), "--batch-size", "8", "--max-steps", "2", "--no-progress"]
+    assert main([*argv, "--max-seq-length", "32", "--output", str(run)]) == 0
+    capsys.readouterr()
+    evaluate = ["evaluate", str(run), "--task", "rte", "--data-dir", str(tiny_glue_dir)]
+    scores = {}
+    for runtime in (["--runtime", "torch"], ["--runtime", "onnxruntime"]):
+        assert main([*evaluate, *runtime]) == 0
+        scores[runtime[1]] = json.loads(capsys.readouterr().out)["metrics"]
+    assert scores["onnxruntime"] == scores["torch"]  # the same predictions, example by example

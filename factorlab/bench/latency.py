@@ -265,7 +265,9 @@ def _check_protocol(batch_size: int, seq_len: int, runs: int, warmup: int) -> No
         raise ConfigError(f"runs must be >= 1 and warmup >= 0, got {runs}, {warmup}")
 
 
-def _prepare(model: nn.Module) -> nn.Module:
+def _prepare(model: Any) -> Any:
+    if not isinstance(model, nn.Module):  # an OrtModel: nothing to set
+        return model
     if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
         raise ConfigError("benchmarks run in float32; convert the model with model.float() first")
     return model.eval()
@@ -288,7 +290,9 @@ def benchmark_models(
     garbage collector paused; models are put in eval mode.
 
     Args:
-        models: float32 models accepting ``input_ids`` (Hugging Face models); same vocabulary.
+        models: float32 models accepting ``input_ids`` (Hugging Face models) or ONNX Runtime
+            models (``factorlab.bench.onnx_runtime.OrtModel``: their ``param_bytes`` is the file
+            size, memory is not measured); same vocabulary.
         batch_size: sequences per forward pass.
         seq_len: tokens per sequence.
         runs: timed runs per model (the protocol asks for >= 20).
@@ -307,8 +311,9 @@ def benchmark_models(
     """
     _check_protocol(batch_size, seq_len, runs, warmup)
     models = [_prepare(m) for m in models]
-    device = next(models[0].parameters()).device
-    ids = random_input_ids(models[0].config, batch_size, seq_len, seed=seed, device=device)
+    first = models[0]
+    device = next(first.parameters()).device if isinstance(first, nn.Module) else "cpu"
+    ids = random_input_ids(first.config, batch_size, seq_len, seed=seed, device=device)
     with num_threads(threads) as used:
         results = [LatencyResult(batch_size, seq_len, used, warmup) for _ in models]
         gc_was_enabled = gc.isenabled()
@@ -326,6 +331,9 @@ def benchmark_models(
             if gc_was_enabled:
                 gc.enable()
         for model, result in zip(models, results, strict=True):
+            if not isinstance(model, nn.Module):  # ONNX Runtime: the file's bytes, no profile
+                result.param_bytes = model.file_bytes()
+                continue
             result.param_bytes = param_bytes(model)
             if memory:
                 result.activation_peak_bytes = activation_peak_bytes(model, ids)
@@ -430,8 +438,17 @@ def bench(
     warmup: int = 3,
     memory: bool = True,
     name: str | None = None,
+    runtime: str = "torch",
+    int8: bool = False,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
     """Everything ``factorlab bench`` reports for ``model``, against its dense reference.
+
+    ``runtime="onnxruntime"`` exports the model and its dense reference to ONNX (verified
+    against PyTorch, in a temporary folder), optionally quantized to int8 (``int8``, both of
+    them), and times them in ONNX Runtime with the same interleaved protocol; ``tokenizer``
+    names the exported inputs (default: ``input_ids``, ``attention_mask``, ``token_type_ids``).
+    There ``param_bytes`` is the ONNX file size and memory is not measured.
 
     Returns a JSON-serializable dict: ``model`` (name), ``factorized`` (bool), ``seq_len``,
     ``threads``, ``dtype``, ``parameters`` {model, dense, ratio}, ``macs`` (per forward pass of
@@ -444,28 +461,41 @@ def bench(
     Raises:
         ConfigError: see ``benchmark_models``; an empty ``batch_sizes``.
     """
+    from factorlab.bench.onnx_runtime import check_runtime
+
     if not batch_sizes:
         raise ConfigError("give at least one batch size")
+    check_runtime(runtime, int8)
     dense = dense_reference(model)
     env = _environment()
     macs = count_macs(model, 1, seq_len)
     batches = []
-    for batch_size in batch_sizes:
-        comparison = compare_to_dense(
-            model, batch_size, seq_len, runs, warmup, threads, memory, dense=dense
-        )
-        entry = comparison.to_dict()
-        entry["macs_per_batch"] = macs.total * batch_size
-        batches.append(entry)
+    with _runtime_models(model, dense, runtime, int8, tokenizer, threads) as (timed, reference):
+        for batch_size in batch_sizes:
+            if reference is None:  # a dense model is its own reference: ratios are 1
+                result = benchmark_models(
+                    [timed], batch_size, seq_len, runs, warmup, threads, memory
+                )
+                comparison = Comparison(result[0], result[0])
+            else:
+                ours, ref = benchmark_models(
+                    [timed, reference], batch_size, seq_len, runs, warmup, threads, memory
+                )
+                comparison = Comparison(ours, ref)
+            entry = comparison.to_dict()
+            entry["macs_per_batch"] = macs.total * batch_size
+            batches.append(entry)
     dense_params = count_parameters(dense) if dense is not None else count_parameters(model)
     params = count_parameters(model)
     env["loadavg_1m_after"] = _environment()["loadavg_1m"]
     return {
         "model": name,
+        "runtime": runtime,
+        "int8": int8,
         "factorized": dense is not None,
         "seq_len": seq_len,
         "threads": batches[0]["model"]["threads"],
-        "dtype": "float32",
+        "dtype": "int8 weights (dynamic quantization)" if int8 else "float32",
         "runs": runs,
         "warmup": warmup,
         "parameters": {"model": params, "dense": dense_params, "ratio": params / dense_params},
@@ -474,6 +504,41 @@ def bench(
         "memory_method": MEMORY_METHOD,
         "environment": env,
     }
+
+
+@contextlib.contextmanager
+def _runtime_models(
+    model: nn.Module,
+    dense: nn.Module | None,
+    runtime: str,
+    int8: bool,
+    tokenizer: Any,
+    threads: int | None,
+) -> Iterator[tuple[Any, Any]]:
+    """``(model, dense reference or None)`` as the runtime runs them: the PyTorch modules, or
+    both exported (and quantized) to ONNX in a temporary folder removed afterwards."""
+    if runtime == "torch":
+        yield model, dense
+        return
+    import tempfile
+
+    from factorlab.bench.onnx_runtime import export_for_runtime
+    from factorlab.export import INPUTS
+
+    names = tokenizer if tokenizer is not None else _InputNames(INPUTS)
+    with tempfile.TemporaryDirectory(prefix="factorlab-bench-") as folder:
+        timed = export_for_runtime(model, names, folder, "model", int8, threads)
+        reference = None
+        if dense is not None:
+            reference = export_for_runtime(dense, names, folder, "dense", int8, threads)
+        yield timed, reference
+
+
+@dataclass
+class _InputNames:
+    """Stands in for a tokenizer where only its input names are needed."""
+
+    model_input_names: tuple[str, ...]
 
 
 def _fmt_load(load: float | None) -> str:
@@ -522,6 +587,7 @@ def format_bench(result: dict[str, Any]) -> str:
     p, macs = result["parameters"], result["macs"]
     env = result["environment"]
     kind = "factorized" if result["factorized"] else "dense"
+    runtime = result.get("runtime", "torch") + (", int8" if result.get("int8") else ", float32")
     lines += [
         "",
         f"model       {result['model'] or '-'} ({kind})",
@@ -529,7 +595,7 @@ def format_bench(result: dict[str, Any]) -> str:
         f"MACs/seq    {macs['total']:,} (dense {macs['dense_total']:,}, ratio {macs['ratio']:.3f}; "
         f"factorized layers {macs['factorized_ratio']:.3f} of their dense MACs; attention "
         f"{macs['attention']:,})",
-        f"setup       float32, {result['threads']} threads, seq_len {result['seq_len']}, "
+        f"setup       {runtime}, {result['threads']} threads, seq_len {result['seq_len']}, "
         f"{result['runs']} runs after {result['warmup']} warm-up, interleaved with dense; "
         f"load average {_fmt_load(env.get('loadavg_1m'))} -> "
         f"{_fmt_load(env.get('loadavg_1m_after'))} on {env['cpu_count']} CPUs",

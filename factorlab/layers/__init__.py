@@ -11,3 +11,7 @@ __all__ += ["BlockFactorLinear", "BlockLowRankLinear", "MonarchLinear"]
 from factorlab.layers.decoded_rows import DecodedLinear, RowDecoder  # noqa: E402
 
 __all__ += ["DecodedLinear", "RowDecoder"]
+
+from factorlab.layers.dense_sparse import DenseSparseLinear, DenseSparseSTFLinear  # noqa: E402
+
+__all__ += ["DenseSparseLinear", "DenseSparseSTFLinear"]

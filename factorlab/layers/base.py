@@ -147,6 +147,12 @@ class FactorizedLinear(nn.Module):
         """Number of stored values (factors and bias) this layer owns."""
         return sum(p.numel() for p in self.parameters())
 
+    def storage_bytes(self) -> int:
+        """Bytes this layer stores: every parameter and buffer at its element size (layers with
+        index buffers or shared modules may count differently)."""
+        tensors = list(self.parameters()) + list(self.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def dense_num_parameters(self) -> int:
         """Parameters of the dense layer it replaces: ``out * in`` plus the bias."""
         bias = self.out_features if self.bias is not None else 0

@@ -8,12 +8,15 @@ from factorlab.methods.apply import (
     factorize_,
     factorized_modules,
     plan_modules,
+    targeted_bytes,
 )
 from factorlab.methods.autoencoder import AutoencoderConfig
 from factorlab.methods.block_low_rank import BlockLowRankConfig
 from factorlab.methods.config import FactorizationConfig
+from factorlab.methods.dsformer import DSFormerConfig
 from factorlab.methods.fwsvd import FWSVDConfig
 from factorlab.methods.low_rank import LowRankConfig
+from factorlab.methods.lpaf import LPAFConfig
 from factorlab.methods.monarch import MonarchConfig
 from factorlab.methods.registry import (
     METHODS,
@@ -44,5 +47,7 @@ __all__ = [
     "make_config",
     "plan_modules",
     "register_method",
+    "targeted_bytes",
 ]
-__all__ += ["ActSVDConfig", "AutoencoderConfig", "FWSVDConfig", "GroupMember"]
+__all__ += ["ActSVDConfig", "AutoencoderConfig", "FWSVDConfig", "GroupMember", "LPAFConfig"]
+__all__ += ["DSFormerConfig"]

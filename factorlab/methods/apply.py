@@ -21,7 +21,8 @@ from factorlab.targets import budget_for, select_targets
 @dataclass(frozen=True)
 class ModuleReport:
     """One targeted module: shape ``(out_features, in_features)``, rank (``None`` = left dense),
-    parameter counts (weights and bias) before and after, relative Frobenius error (fraction)."""
+    parameter counts (weights and bias) before and after, relative Frobenius error (fraction),
+    and the method's ``details`` (``Projected.details``), if any."""
 
     name: str
     out_features: int
@@ -31,6 +32,7 @@ class ModuleReport:
     params_before: int
     params_after: int
     rel_error: float
+    details: dict[str, Any] | None = None
 
 
 @dataclass
@@ -258,6 +260,7 @@ def factorize_(
                 before,
                 layer.num_parameters() if projected.params is None else projected.params,
                 projected.rel_error,
+                projected.details,
             )
         )
     return report
@@ -266,6 +269,24 @@ def factorize_(
 def factorized_modules(model: nn.Module) -> dict[str, FactorizedLinear]:
     """``{name: layer}`` for every factorized layer in ``model``, in module order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+
+
+def targeted_bytes(model: nn.Module, report: FactorizationReport) -> tuple[int, int]:
+    """``(before, after)``: bytes of the report's targeted modules as dense weights (at the
+    current dtype) and as they are now in ``model`` (``FactorizedLinear.storage_bytes``: factor
+    values, index buffers such as DSFormer's int16 columns, biases)."""
+    before = after = 0
+    for entry in report.modules:
+        module = model.get_submodule(entry.name)
+        dense_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        if isinstance(module, FactorizedLinear):
+            element = next(module.parameters()).element_size()
+            before += module.dense_num_parameters() * element
+            after += module.storage_bytes()
+        else:
+            before += dense_bytes
+            after += dense_bytes
+    return before, after
 
 
 def count_parameters(model: nn.Module) -> int:

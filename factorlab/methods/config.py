@@ -93,6 +93,14 @@ class FactorizationConfig:
             )
         return None
 
+    def make_schedule(self) -> Any:
+        """The training schedule this method runs under when a run does not ask for one
+        (``factorlab.training.schedules``: an object with ``name``, ``check`` and ``run``), or
+        ``None`` for ``Simultaneous`` (project everything, then fine-tune). Methods that train
+        while they compress (LPAF's pruning phase, DSFormer's straight-through factorizer)
+        return their own."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable form, with the method name under ``"method"``."""
         return {"method": self.method, **dataclasses.asdict(self)}

@@ -32,12 +32,14 @@ class Projected:
     """What a method's ``build`` returns: the new layer and its relative Frobenius error.
 
     ``rank`` and ``params``, when given, replace the planned rank and ``layer.num_parameters()``
-    in the report (a layer sharing a module with others reports its fair share of it)."""
+    in the report (a layer sharing a module with others reports its fair share of it);
+    ``details`` (JSON values) goes into the module's report as is (e.g. EM objectives)."""
 
     layer: FactorizedLinear
     rel_error: float
     rank: int | None = None
     params: int | None = None
+    details: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ class TrainResult:
         loss_parts: the last logged interval's mean of each loss component (``task``, ``kd``...).
         optimizer: one entry per parameter group: name, peak learning rate, weight decay, tensors.
         state: the callbacks' shared state (``TrainContext.state``).
+        phases: for schedules with several training phases (LPAF), one JSON entry per phase.
     """
 
     steps: int
@@ -53,6 +54,7 @@ class TrainResult:
     loss_parts: dict[str, float] = field(default_factory=dict)
     optimizer: list[dict[str, Any]] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
+    phases: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def final_loss(self) -> float:

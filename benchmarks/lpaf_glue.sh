@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# LPAF (METHODS.md §7) against direct factorization on real GLUE, the same optimizer steps and
+# batches for every row of a task. Every compressed row starts from the dense MiniLM fine-tuned on
+# the task (TASK-dense) and recovers with distillation from it (alpha 0.5, T 2: the setting that
+# helped most in benchmarks/distill_glue.sh), so rows differ only in how they compress:
+#   TASK-low-rank-P-ft-kd        truncated SVD, then fine-tuning
+#   TASK-act-svd-P-ft-kd         activation-aware SVD (512 calibration examples), then fine-tuning
+#   TASK-lpaf-P-ft-kd-maginit    LPAF: half the steps movement pruning to sparsity 1 - P (scores
+#                                start at |W| / std W), sparsity-aware SVD at globally allocated
+#                                ranks, half the steps mixed-rank fine-tuning
+#   ...-nomix / -noem            without mixed-rank training (q = 0) / without EM (the SVD of the
+#                                pruned matrix)
+#   TASK-lpaf-P-ft-kd-magnitude  LPAF with magnitude pruning instead of movement
+#   TASK-lpaf-P-ft-kd            LPAF with zero-initialized movement scores ([S20]'s setting)
+# Recipe as benchmarks/core_glue.sh: lr 1e-4, batch 32, len 128, seed 42; SST-2 a seeded 10k
+# subset for 2 epochs (626 steps), MRPC and STS-B the full train sets for 3 epochs.
+# Resumable (finished rows are kept; RATIOS="0.25" runs one ratio). Usage, two single-thread
+# lanes sharing the rows:
+#   OMP_NUM_THREADS=1 LANE=0/2 bash benchmarks/lpaf_glue.sh OUT TASK... &
+#   OMP_NUM_THREADS=1 LANE=1/2 bash benchmarks/lpaf_glue.sh OUT TASK...
+# then: factorlab report OUT; python benchmarks/lpaf_rank_study.py OUT
+set -euo pipefail
+out=${1:-runs/distill}
+shift || true
+tasks=("${@:-sst2}")
+data=${GLUE_DIR:-../shared/data/glue}
+export HF_HUB_OFFLINE=1
+
+. "$(dirname "$0")/cached_run.sh"  # run NAME COMMAND..., task_recipe TASK
+
+for task in ${tasks[@]}; do
+  task_recipe "$task"
+  dense="$out/$task-dense"
+  if [ ! -f "$dense/results.json" ]; then
+    LANE=0/1 run "$task-dense" factorlab finetune "${recipe[@]}"
+  fi
+  for p in ${RATIOS:-0.25 0.5}; do
+    from=(--model "$dense" --teacher "$dense" --param-ratio "$p")
+    lpaf=(factorlab compress "${recipe[@]}" "${from[@]}" --method lpaf)
+    run "$task-lpaf-$p-ft-kd-maginit" "${lpaf[@]}" --option score_init=magnitude
+    run "$task-low-rank-$p-ft-kd" factorlab compress "${recipe[@]}" "${from[@]}" --method low-rank
+    run "$task-act-svd-$p-ft-kd" factorlab compress "${recipe[@]}" "${from[@]}" --method act-svd
+    run "$task-lpaf-$p-ft-kd-magnitude" "${lpaf[@]}" --pruning magnitude
+    run "$task-lpaf-$p-ft-kd-maginit-nomix" "${lpaf[@]}" --option score_init=magnitude \
+      --mixed-rank-q 0
+    run "$task-lpaf-$p-ft-kd-maginit-noem" "${lpaf[@]}" --option score_init=magnitude \
+      --option em_iterations=0
+    run "$task-lpaf-$p-ft-kd" "${lpaf[@]}"
+  done
+done
