@@ -31,8 +31,10 @@ from factorlab.training.pruning import top_k_mask
 def plain_error(model: torch.nn.Module, pruned: dict[str, torch.Tensor]) -> float:
     layers = factorized_modules(model)
     errors = [
-        (torch.linalg.matrix_norm(layers[n].to_dense().detach() - w) / torch.linalg.matrix_norm(w))
-        .item()
+        (
+            torch.linalg.matrix_norm(layers[n].to_dense().detach() - w)
+            / torch.linalg.matrix_norm(w)
+        ).item()
         for n, w in pruned.items()
         if n in layers
     ]
