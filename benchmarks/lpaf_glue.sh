@@ -5,13 +5,15 @@
 # helped most in benchmarks/distill_glue.sh), so rows differ only in how they compress:
 #   TASK-low-rank-P-ft-kd        truncated SVD, then fine-tuning
 #   TASK-act-svd-P-ft-kd         activation-aware SVD (512 calibration examples), then fine-tuning
-#   TASK-lpaf-P-ft-kd-maginit    LPAF: half the steps movement pruning to sparsity 1 - P (scores
-#                                start at |W| / std W), sparsity-aware SVD at globally allocated
-#                                ranks, half the steps mixed-rank fine-tuning
-#   ...-nomix / -noem            without mixed-rank training (q = 0) / without EM (the SVD of the
-#                                pruned matrix)
-#   TASK-lpaf-P-ft-kd-magnitude  LPAF with magnitude pruning instead of movement
-#   TASK-lpaf-P-ft-kd            LPAF with zero-initialized movement scores ([S20]'s setting)
+#   TASK-lpaf-P-ft-kd            LPAF with our defaults: half the steps movement pruning to
+#                                sparsity 0.5 (scores start at |W| / std W), the SVD of each pruned
+#                                matrix at ranks allocated globally on the pruned spectra
+#                                (relative errors), half the steps mixed-rank fine-tuning
+#   ...-nomix / -em10            without mixed-rank training (q = 0) / with the sparsity-aware
+#                                SVD (10 EM steps fitting only the kept entries)
+#   ...-{zeroinit,maginit,magnitude}-abs-em10   the first setting tried (METHODS.md §7 as
+#                                written): sparsity 1 - P, absolute-error allocation, 10 EM steps,
+#                                movement scores from 0 / from |W|, or magnitude pruning
 # Recipe as benchmarks/core_glue.sh: lr 1e-4, batch 32, len 128, seed 42; SST-2 a seeded 10k
 # subset for 2 epochs (626 steps), MRPC and STS-B the full train sets for 3 epochs.
 # Resumable (finished rows are kept; RATIOS="0.25" runs one ratio). Usage, two single-thread
@@ -28,6 +30,7 @@ export HF_HUB_OFFLINE=1
 
 . "$(dirname "$0")/cached_run.sh"  # run NAME COMMAND..., task_recipe TASK
 
+declare -A complement=([0.25]=0.75 [0.5]=0.5)
 for task in ${tasks[@]}; do
   task_recipe "$task"
   dense="$out/$task-dense"
@@ -37,14 +40,15 @@ for task in ${tasks[@]}; do
   for p in ${RATIOS:-0.25 0.5}; do
     from=(--model "$dense" --teacher "$dense" --param-ratio "$p")
     lpaf=(factorlab compress "${recipe[@]}" "${from[@]}" --method lpaf)
-    run "$task-lpaf-$p-ft-kd-maginit" "${lpaf[@]}" --option score_init=magnitude
+    first=("${lpaf[@]}" --sparsity "${complement[$p]}" --option allocation_normalize=false
+      --option em_iterations=10)
+    run "$task-lpaf-$p-ft-kd" "${lpaf[@]}"
     run "$task-low-rank-$p-ft-kd" factorlab compress "${recipe[@]}" "${from[@]}" --method low-rank
     run "$task-act-svd-$p-ft-kd" factorlab compress "${recipe[@]}" "${from[@]}" --method act-svd
-    run "$task-lpaf-$p-ft-kd-magnitude" "${lpaf[@]}" --pruning magnitude
-    run "$task-lpaf-$p-ft-kd-maginit-nomix" "${lpaf[@]}" --option score_init=magnitude \
-      --mixed-rank-q 0
-    run "$task-lpaf-$p-ft-kd-maginit-noem" "${lpaf[@]}" --option score_init=magnitude \
-      --option em_iterations=0
-    run "$task-lpaf-$p-ft-kd" "${lpaf[@]}"
+    run "$task-lpaf-$p-ft-kd-nomix" "${lpaf[@]}" --mixed-rank-q 0
+    run "$task-lpaf-$p-ft-kd-em10" "${lpaf[@]}" --option em_iterations=10
+    run "$task-lpaf-$p-ft-kd-zeroinit-abs-em10" "${first[@]}" --option score_init=zeros
+    run "$task-lpaf-$p-ft-kd-maginit-abs-em10" "${first[@]}"
+    run "$task-lpaf-$p-ft-kd-magnitude-abs-em10" "${first[@]}" --pruning magnitude
   done
 done

@@ -27,6 +27,9 @@ from factorlab.tasks import get_task, load_split
 from factorlab.training import EncodedSplit, evaluate
 from factorlab.training.pruning import top_k_mask
 
+EM_VARIANTS = ((0, 0.0), (10, 0.0), (10, 0.5), (10, 0.9))
+"""(EM iterations, weight of the pruned entries) of the sparsity-aware SVD tried per sparsity."""
+
 
 def plain_error(model: torch.nn.Module, pruned: dict[str, torch.Tensor]) -> float:
     layers = factorized_modules(model)
@@ -78,28 +81,30 @@ def main() -> None:
     weights = {t.name: t.weight.detach().clone() for t in select_targets(model)}
     record("low-rank (no pruning)", model, factorize_(model, LowRankConfig(args.ratio)), weights)
     for sparsity in args.sparsities:
-        for allocation, normalize in (("uniform", False), ("global", False), ("global", True)):
-            for em in (0, 10):
-                model = copy.deepcopy(base)
-                masks, pruned = {}, {}
-                with torch.no_grad():
-                    for t in select_targets(model):
-                        w = t.module.weight
-                        masks[t.name] = top_k_mask(w.abs(), 1 - sparsity).bool()
-                        w.mul_(masks[t.name])
-                        pruned[t.name] = w.detach().clone()
-                config = LPAFConfig(
-                    param_ratio=args.ratio,
-                    allocation=allocation,
-                    allocation_normalize=normalize,
-                    em_iterations=em,
-                )
-                report = factorize_(model, config, masks)
-                label = (
-                    f"magnitude {sparsity:g}, {allocation}{' normalized' if normalize else ''}, "
-                    f"EM {em}"
-                )
-                record(label, model, report, pruned)
+        variants = [("uniform", False, em, lam) for em, lam in EM_VARIANTS]
+        variants += [("global", False, 0, 0.0), ("global", True, 0, 0.0)]
+        for allocation, normalize, em, pruned_weight in variants:
+            model = copy.deepcopy(base)
+            masks, pruned = {}, {}
+            with torch.no_grad():
+                for t in select_targets(model):
+                    w = t.module.weight
+                    masks[t.name] = top_k_mask(w.abs(), 1 - sparsity).bool()
+                    w.mul_(masks[t.name])
+                    pruned[t.name] = w.detach().clone()
+            config = LPAFConfig(
+                param_ratio=args.ratio,
+                allocation=allocation,
+                allocation_normalize=normalize,
+                em_iterations=em,
+                em_pruned_weight=pruned_weight,
+            )
+            report = factorize_(model, config, masks)
+            label = (
+                f"magnitude {sparsity:g}, {allocation}{' normalized' if normalize else ''}, "
+                f"EM {em}" + (f" lambda {pruned_weight:g}" if em else "")
+            )
+            record(label, model, report, pruned)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

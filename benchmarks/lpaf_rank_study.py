@@ -1,12 +1,12 @@
 """The rank study of LPAF (METHODS.md §7): are first-order (movement) pruned matrices of lower rank
 than magnitude-pruned ones?
 
-Reads the LPAF runs of ``benchmarks/lpaf_glue.sh`` (their ``results.json`` records, for every
-pruned matrix, ``rank_statistics`` at each probe sparsity reached while pruning and after the
-final mask) and adds one-shot magnitude pruning of the dense fine-tuned model (no training) at
-the same sparsities. For each task and pruning kind it reports, averaged over the 36 matrices,
-the numerical rank (singular values above 1e-3 s_max) and the rank holding 90% of the energy,
-as fractions of the full rank, and plots them against sparsity.
+Reads the LPAF runs (``TASK-lpaf-*``) of ``benchmarks/lpaf_glue.sh``, whose ``results.json``
+records every pruned matrix's ``rank_statistics`` at each probe sparsity reached while pruning
+and after the final mask, and adds one-shot magnitude pruning of the dense fine-tuned model (no
+training) at the same sparsities. For each task and pruning kind it reports, averaged over the
+36 matrices, the numerical rank (singular values above 1e-3 s_max) and the rank holding 90% of
+the energy, as fractions of the full rank, and plots them against sparsity.
 
 Usage: python benchmarks/lpaf_rank_study.py OUT_DIR [--tasks sst2 mrpc]
 Writes OUT_DIR/lpaf_rank_study.json and OUT_DIR/lpaf_rank_study.png.
@@ -59,6 +59,15 @@ def from_run(run_dir: Path) -> dict[float, dict]:
     return dict(sorted(points.items()))
 
 
+def pruning_label(run_dir: Path) -> str:
+    """``movement (scores from |W|), while fine-tuning`` and the like, from the run's config."""
+    config = json.loads((run_dir / "results.json").read_text())["factorization"]["config"]
+    kind = config["pruning"]
+    if kind != "magnitude":
+        kind += " (scores from |W|)" if config.get("score_init") == "magnitude" else " (scores 0)"
+    return f"{kind}, while fine-tuning"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path)
@@ -71,11 +80,8 @@ def main() -> None:
         if not dense.is_dir():
             continue
         lines = {"magnitude, one-shot (no training)": one_shot_magnitude(dense, SPARSITIES)}
-        for kind, suffix in (("movement", ""), ("magnitude", "-magnitude")):
-            for p in ("0.25", "0.5"):
-                run = args.out / f"{task}-lpaf-{p}-ft-kd{suffix}"
-                if (run / "results.json").is_file():
-                    lines.setdefault(f"{kind}, while fine-tuning", {}).update(from_run(run))
+        for run in sorted(args.out.glob(f"{task}-lpaf-*/results.json")):
+            lines.setdefault(pruning_label(run.parent), {}).update(from_run(run.parent))
         study[task] = {k: dict(sorted(v.items())) for k, v in lines.items()}
 
     (args.out / "lpaf_rank_study.json").write_text(

@@ -199,7 +199,7 @@ def _add_lpaf_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sparsity",
         type=float,
-        help="fraction of each targeted weight REMOVED by pruning, default 1 - param_ratio",
+        help="fraction of each targeted weight REMOVED by pruning, default 0.5",
     )
     g.add_argument(
         "--pruning",

@@ -239,8 +239,11 @@ def test_mixed_rank_layer_paths_and_detach():
 
 
 def test_lpaf_config_checks():
-    assert LPAFConfig(param_ratio=0.25).target_sparsity == 0.75
-    assert LPAFConfig().allocation == "global"
+    assert LPAFConfig(param_ratio=0.25).target_sparsity == 0.5
+    assert LPAFConfig(param_ratio=0.25, sparsity=None).target_sparsity == 0.75  # 1 - p
+    config = LPAFConfig()
+    assert config.allocation == "global" and config.allocation_normalize
+    assert config.em_iterations == 0 and config.score_init == "magnitude"
     for bad, match in (
         ({"prune_fraction": 1.0}, "prune_fraction"),
         ({"pruning": "random"}, "pruning kind"),
@@ -261,7 +264,8 @@ def test_lpaf_projection_uses_the_mask_and_reports_em():
         for name, module in targets.items():
             masks[name] = torch.rand_like(module.weight) < 0.3
             module.weight.mul_(masks[name])
-    report = factorize_(model, LPAFConfig(param_ratio=0.5, em_iterations=3), masks)
+    config = LPAFConfig(param_ratio=0.5, em_iterations=3, allocation_normalize=False)
+    report = factorize_(model, config, masks)
     first = report.modules[0]
     objectives = first.details["em_objectives"]
     assert len(objectives) >= 2 and objectives[-1] <= objectives[0]
@@ -352,3 +356,21 @@ def test_lpaf_on_two_processes(tmp_path, tiny_model_dir, tiny_glue_dir):
     assert results["train"]["num_processes"] == 2
     assert results["train"]["state"]["mixed_rank"]["processes_agreed"] == 2
     assert results["train"]["state"]["mixed_rank"]["sparse_fraction"] > 0
+
+
+def test_em_pruned_weight_interpolates_between_masked_and_plain_svd():
+    torch.manual_seed(2)
+    weight = torch.randn(16, 12, dtype=torch.float64)
+    mask = torch.rand(16, 12) < 0.4
+    pruned = weight * mask
+    plain = truncated_svd(pruned, 3)
+    full = masked_svd(weight, mask, rank=3, iterations=20, pruned_weight=1.0)
+    torch.testing.assert_close(full.A @ full.B, plain.A @ plain.B)  # weight 1: plain SVD
+    half = masked_svd(weight, mask, rank=3, iterations=50, tol=0.0, pruned_weight=0.5)
+    assert all(b <= a + 1e-12 for a, b in pairwise(half.objectives))
+    free = masked_svd(weight, mask, rank=3, iterations=50, tol=0.0)
+    # the factors' values at pruned entries: free > half-weighted > plain SVD's
+    off = [(f.A @ f.B)[~mask].norm().item() for f in (free, half)]
+    assert off[0] > off[1] > (plain.A @ plain.B)[~mask].norm().item() * 0.5
+    with pytest.raises(ValueError, match="pruned_weight"):
+        masked_svd(weight, mask, rank=3, pruned_weight=2.0)

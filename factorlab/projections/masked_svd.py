@@ -32,7 +32,8 @@ class MaskedSVDResult:
     """``M * W ~ M * (A B)`` with ``A`` (m x r), ``B`` (r x n) in the weight's dtype.
 
     Attributes:
-        objectives: ``||M * (W - A B)||_F / ||M * W||_F`` (a fraction) of the start and after
+        objectives: ``||M * (W - A B)||_F / ||M * W||_F`` (a fraction; with ``pruned_weight``
+            lambda the pruned entries' ``sqrt(lambda) A B`` count too) of the start and after
             every EM iteration: non-increasing.
         iterations: EM iterations run (0: the start was kept).
         converged: the last iteration's relative decrease of the objective was below ``tol``.
@@ -61,6 +62,7 @@ def masked_svd(
     rank: int,
     iterations: int = 10,
     tol: float = 1e-4,
+    pruned_weight: float = 0.0,
 ) -> MaskedSVDResult:
     """Rank-``rank`` factors fitting ``weight`` on the entries where ``mask`` is true, by EM.
 
@@ -70,6 +72,12 @@ def masked_svd(
         rank: in ``[1, min(m, n)]``.
         iterations: at most this many EM steps after the start (0: the SVD of the pruned matrix).
         tol: stop when an iteration lowers the objective by less than this fraction of it.
+        pruned_weight: ``lambda`` in [0, 1], the weight of the pruned entries, whose target is 0:
+            the objective is ``||M * (W - A B)||^2 + lambda ||(1 - M) * A B||^2``. 0 (default)
+            leaves them free (the pure masked fit above); 1 is the plain SVD of ``M * W``; in
+            between the EM step fills them with ``(1 - lambda) A B`` (Srebro & Jaakkola's EM for
+            weights in [0, 1]), which keeps the factors' values at pruned entries from growing
+            where the kept entries do not determine them.
 
     Computed in float64 on the weight's device; the factors come back in ``weight.dtype``. With an
     all-true mask it is the plain truncated SVD (the first step cannot improve on it).
@@ -87,20 +95,26 @@ def masked_svd(
         raise ValueError(
             f"rank must be in [1, {min(weight.shape)}] for shape {tuple(weight.shape)}, got {rank}"
         )
-    if iterations < 0 or not tol >= 0:
-        raise ValueError(f"iterations must be >= 0 and tol >= 0, got {iterations} and {tol}")
+    if iterations < 0 or not tol >= 0 or not 0 <= pruned_weight <= 1:
+        raise ValueError(
+            f"iterations must be >= 0, tol >= 0 and pruned_weight in [0, 1], got {iterations}, "
+            f"{tol} and {pruned_weight}"
+        )
     keep = mask.to(device=weight.device, dtype=torch.bool)
     target = torch.where(keep, weight.detach().double(), 0.0)
     scale = torch.linalg.matrix_norm(target).item() or 1.0
 
+    root = math.sqrt(pruned_weight)
+
     def objective(A: torch.Tensor, B: torch.Tensor) -> float:
-        return torch.linalg.matrix_norm(torch.where(keep, target - A @ B, 0.0)).item() / scale
+        residual = torch.where(keep, target - A @ B, -root * (A @ B))
+        return torch.linalg.matrix_norm(residual).item() / scale
 
     A, B = _truncate(target, rank)
     objectives = [objective(A, B)]
     done, converged = 0, False
     for _ in range(iterations):
-        filled = torch.where(keep, target, A @ B)
+        filled = torch.where(keep, target, (1.0 - pruned_weight) * (A @ B))
         A_new, B_new = _truncate(filled, rank)
         value = objective(A_new, B_new)
         done += 1

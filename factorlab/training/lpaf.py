@@ -8,7 +8,8 @@ direct "factorize, then fine-tune" run::
                   callback (``factorlab.training.pruning``) on the targeted layers, sparsity
                   from 0 to the target on the cubic schedule; the masks are then baked in;
     2. factorize  ranks from the pruned matrices' spectra (``allocation="global"`` by default),
-                  factors by the sparsity-aware SVD of each pruned matrix on its kept entries;
+                  factors by the truncated SVD of each pruned matrix, or with
+                  ``em_iterations > 0`` the sparsity-aware SVD fitting its kept entries;
     3. recover    the remaining steps: fine-tune the factorized model, each layer running its
                   sparse pruned weight with probability q (``factorlab.training.mixed_rank``);
                   then only plain ``LowRankLinear`` layers remain.
@@ -125,10 +126,12 @@ class LPAFSchedule:
         report = factorize_(model, config, masks)
         timings["factorize"] = time.perf_counter() - start
         factorized = {m.name for m in report.modules if m.rank is not None}
-        say(
-            f"factorize: {len(factorized)} pruned matrices, sparsity-aware SVD "
-            f"({config.em_iterations} EM steps at most), {timings['factorize']:.1f} s"
+        how = (
+            f"sparsity-aware SVD (at most {config.em_iterations} EM steps)"
+            if config.em_iterations
+            else "truncated SVD"
         )
+        say(f"factorize: {len(factorized)} pruned matrices, {how}, {timings['factorize']:.1f} s")
 
         callbacks: list[Any] = []
         if config.mixed_rank_q > 0:
