@@ -4,7 +4,7 @@ One row per model and runtime (eager PyTorch float32, ONNX Runtime float32, ONNX
 SST-2 dev accuracy of the deployed model, bytes (parameters and buffers in PyTorch, the ONNX
 file in ONNX Runtime), median latency at batch 1 and 32, the ratio to the dense model in the same
 runtime (measured interleaved by ``factorlab bench``) and the ratio to dense eager PyTorch
-float32 (from separate bench calls, run one after the other).
+float32 (the median of the dense references of the PyTorch benches, run one after the other).
 
 Usage: python benchmarks/deploy_summary.py OUT_DIR [--markdown]
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 TAGS = {"torch": "torch fp32", "onnxruntime": "ORT fp32", "onnxruntimeint8": "ORT int8"}
@@ -27,7 +28,14 @@ def main() -> None:
     for path in sorted(args.out.glob("*.bench.json")):
         name, tag = path.name.removesuffix(".bench.json").rsplit(".", 1)
         benches[(name, tag)] = json.loads(path.read_text())
-    eager_dense = benches.get(("sst2-dense", "torch"))
+    # eager dense PyTorch: any torch bench's interleaved dense reference (the densified model has
+    # the dense model's shapes and ops), median over those benches
+    references: dict[int, list[float]] = {}
+    for (_, tag), result in benches.items():
+        if tag == "torch":
+            for batch in result["batches"]:
+                references.setdefault(batch["batch_size"], []).append(batch["dense"]["median_s"])
+    eager_dense = {b: statistics.median(v) for b, v in references.items()}
     for (name, tag), result in benches.items():
         evaluation = args.out / f"{name}.{tag}.eval.json"
         accuracy = None
@@ -40,11 +48,8 @@ def main() -> None:
             median = batch["model"]["median_s"]
             same = batch["latency_ratio"]
             eager = "-"
-            if eager_dense is not None:
-                ref = next(
-                    b for b in eager_dense["batches"] if b["batch_size"] == batch["batch_size"]
-                )
-                eager = f"{median / ref['model']['median_s']:.2f}"
+            if batch["batch_size"] in eager_dense:
+                eager = f"{median / eager_dense[batch['batch_size']]:.2f}"
             cells.append(f"{1e3 * median:.1f} ms ({same:.2f} / {eager})")
         rows.append(cells)
     sizes = [b["batch_size"] for b in next(iter(benches.values()))["batches"]] if benches else []
