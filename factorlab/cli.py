@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -402,7 +402,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_runtime(args.runtime, args.int8)
     model = load_model(args.checkpoint, num_labels=task.num_labels, regression=task.is_regression)
     tokenizer = load_tokenizer(args.checkpoint)
-    with _deployed(model, tokenizer, args.runtime, args.int8) as deployed:
+    exported = contextlib.nullcontext([None])
+    if args.runtime == "onnxruntime":
+        from factorlab.bench.onnx_runtime import deployed as deploy
+
+        exported = deploy([model], tokenizer, args.int8)
+    with exported as (deployed,):
         metrics: dict[str, float] = {}
         for i, split in enumerate(task.eval_splits):
             split_data = load_split(task, split, args.data_dir)
@@ -421,21 +426,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         record |= {"runtime": args.runtime, "int8": args.int8}
     print(json.dumps(record, indent=2))
     return 0
-
-
-@contextlib.contextmanager
-def _deployed(model: Any, tokenizer: Any, runtime: str, int8: bool) -> Iterator[Any]:
-    """``None`` for PyTorch, else the model exported (and quantized) to a temporary folder and
-    opened in ONNX Runtime."""
-    if runtime == "torch":
-        yield None
-        return
-    import tempfile
-
-    from factorlab.bench.onnx_runtime import export_for_runtime
-
-    with tempfile.TemporaryDirectory(prefix="factorlab-evaluate-") as folder:
-        yield export_for_runtime(model, tokenizer, folder, "model", int8)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

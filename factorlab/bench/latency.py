@@ -516,29 +516,14 @@ def _runtime_models(
     threads: int | None,
 ) -> Iterator[tuple[Any, Any]]:
     """``(model, dense reference or None)`` as the runtime runs them: the PyTorch modules, or
-    both exported (and quantized) to ONNX in a temporary folder removed afterwards."""
+    both exported (and quantized) to ONNX Runtime (``onnx_runtime.deployed``)."""
     if runtime == "torch":
         yield model, dense
         return
-    import tempfile
+    from factorlab.bench.onnx_runtime import deployed
 
-    from factorlab.bench.onnx_runtime import export_for_runtime
-    from factorlab.export import INPUTS
-
-    names = tokenizer if tokenizer is not None else _InputNames(INPUTS)
-    with tempfile.TemporaryDirectory(prefix="factorlab-bench-") as folder:
-        timed = export_for_runtime(model, names, folder, "model", int8, threads)
-        reference = None
-        if dense is not None:
-            reference = export_for_runtime(dense, names, folder, "dense", int8, threads)
+    with deployed([model, dense], tokenizer, int8, threads) as (timed, reference):
         yield timed, reference
-
-
-@dataclass
-class _InputNames:
-    """Stands in for a tokenizer where only its input names are needed."""
-
-    model_input_names: tuple[str, ...]
 
 
 def _fmt_load(load: float | None) -> str:

@@ -10,7 +10,11 @@ are quantized like a dense layer's one; factorization and int8 compose.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +125,37 @@ def export_for_runtime(
     if int8:
         path = quantize_int8(path, folder / f"{name}.int8.onnx")
     return OrtModel(path, model.config, threads)
+
+
+@contextlib.contextmanager
+def deployed(
+    models: Sequence[nn.Module | None],
+    tokenizer: Any,
+    int8: bool = False,
+    threads: int | None = None,
+) -> Iterator[list[OrtModel | None]]:
+    """The ``models`` exported (``export_for_runtime``) to one temporary folder, opened in ONNX
+    Runtime, in order (``None`` stays ``None``); the folder is removed afterwards. ``tokenizer``
+    names the exported inputs; ``None``: ``input_ids``, ``attention_mask``, ``token_type_ids``.
+
+    Raises:
+        ExportError: export, verification or quantization failed.
+    """
+    from factorlab.export import INPUTS
+
+    names = tokenizer if tokenizer is not None else _InputNames(INPUTS)
+    with tempfile.TemporaryDirectory(prefix="factorlab-ort-") as folder:
+        yield [
+            None if m is None else export_for_runtime(m, names, folder, f"model{i}", int8, threads)
+            for i, m in enumerate(models)
+        ]
+
+
+@dataclass
+class _InputNames:
+    """Stands in for a tokenizer where only its input names are needed."""
+
+    model_input_names: tuple[str, ...]
 
 
 def check_runtime(runtime: str, int8: bool) -> None:
