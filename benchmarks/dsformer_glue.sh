@@ -26,6 +26,9 @@ declare -A equal_bytes=([0.5]=0.579 [0.357]=0.413 [0.28]=0.323)
 for task in ${tasks[@]}; do
   task_recipe "$task"
   dense="$out/$task-dense"
+  if [ ! -f "$dense/results.json" ]; then
+    LANE=0/1 run "$task-dense" factorlab finetune "${recipe[@]}"
+  fi
   from=(--model "$dense" --teacher "$dense")
   for p in ${RATIOS:-0.28 0.357 0.5}; do
     q=${equal_bytes[$p]}

@@ -11,7 +11,10 @@ Two statistics per targeted linear module (METHODS.md §5):
   activation-aware SVD (DRONE, SVD-LLM) whitens with.
 
 Nothing but the running sums is kept: each batch's activations are folded into ``G`` inside a
-forward pre-hook and dropped; gradients are taken with ``torch.autograd.grad`` (never ``backward``),
+forward pre-hook and dropped; modules that read the same input tensor (Q, K and V; LLaMA's gate
+and up projections; cross-attention keys and values) share one Gram, found in the first batch;
+a Gram-only pass stops as soon as every target has run (later layers and the LM head are
+skipped); gradients are taken with ``torch.autograd.grad`` (never ``backward``),
 so no ``.grad`` of the model is written and the model is returned unchanged (same mode, same
 ``requires_grad`` flags). The model runs in eval mode (no dropout), so statistics are deterministic.
 
@@ -21,10 +24,13 @@ text file, one example per line (no labels: Gram only). ``calibration_loader`` b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
+import re
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +128,30 @@ def _in_features(module: nn.Module) -> int:
     return w.shape[0] if isinstance(module, Conv1D) else w.shape[1]
 
 
+def _decoder_modules(model: nn.Module, names: Sequence[str]) -> set[str]:
+    """The names among ``names`` inside the decoder stack of an encoder-decoder model (Hugging
+    Face names it ``decoder``): their inputs follow ``decoder_attention_mask``, except the
+    cross-attention keys and values, which read the encoder's output."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return set()
+    return {n for n in names if re.search(r"(^|\.)decoder\.", n)}
+
+
+def _watch_encoder_output(model: nn.Module, state: dict[str, Any]) -> Any:
+    """Record the encoder's output tensor in ``state["encoder_output"]`` on every forward of an
+    encoder-decoder model; returns the hook handle (``None`` for other models)."""
+    get_encoder = getattr(model, "get_encoder", None)
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not callable(
+        get_encoder
+    ):
+        return None
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        state["encoder_output"] = output[0]  # a tuple or a ModelOutput
+
+    return get_encoder().register_forward_hook(hook)
+
+
 def collect_statistics(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
@@ -138,7 +168,10 @@ def collect_statistics(
             ``fisher`` it must return a ``.loss``: a model with a task head and labelled batches.
         batches: an iterable of batches (dicts of tensors, e.g. a ``DataLoader`` from
             ``calibration_loader``); ``attention_mask``, when present, excludes padding tokens
-            from the Gram matrices. Tensors are moved to the model's device.
+            from the Gram matrices (in an encoder-decoder model the decoder's modules follow
+            ``decoder_attention_mask`` instead, and its cross-attention keys and values, which
+            read the encoder's output, the encoder's mask). Tensors are moved to the model's
+            device.
         targets: module names (or ``Target`` objects from ``select_targets``); ``None``: the
             model's default targets.
         fisher / gram: which statistics to collect (at least one).
@@ -157,23 +190,41 @@ def collect_statistics(
     modules = _resolve_targets(model, targets)
     names = list(modules)
     device = next(model.parameters()).device
-    grams = {
-        n: torch.zeros(_in_features(m), _in_features(m), dtype=torch.float64, device=device)
-        for n, m in modules.items()
-        if gram
-    }
+    grams: dict[str, torch.Tensor] = {}  # allocated when a module first runs
+    shares: dict[str, str] = {}  # module -> the module whose input (and Gram) it shares
     fishers = {
         n: torch.zeros(tuple(dense_weight(m).shape), dtype=torch.float32, device=device)
         for n, m in modules.items()
         if fisher
     }
     tokens = dict.fromkeys(names, 0)
-    state: dict[str, Any] = {"mask": None, "unmasked": set()}
+    state: dict[str, Any] = {"mask": None, "decoder_mask": None, "unmasked": set()}
+    state |= {"previous": (None, None), "calls": Counter(), "first_batch": True, "once": False}
+    in_decoder = _decoder_modules(model, names)
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            previous_name, previous_input = state["previous"]
+            state["previous"] = (name, args[0])  # held only until the next target runs
+            state["calls"][name] += 1
+            same_input = args[0] is previous_input and previous_name != name
+            if state["first_batch"] and same_input and name not in grams:
+                shares[name] = shares.get(previous_name, previous_name)  # Q, K, V: one Gram
+            if name in shares:
+                if not same_input:
+                    raise RuntimeError(
+                        f"{name} shared the input of {shares[name]} in the first calibration "
+                        "batch but not in this one; collect its statistics separately"
+                    )
+                return
             x = args[0].detach()
-            mask = state["mask"]
+            encoder_output = state.get("encoder_output")
+            reads_encoder = (
+                encoder_output is not None
+                and x.data_ptr() == encoder_output.data_ptr()
+                and x.shape == encoder_output.shape
+            )
+            mask = state["decoder_mask" if name in in_decoder and not reads_encoder else "mask"]
             if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
                 x = x[mask]
             else:
@@ -181,12 +232,24 @@ def collect_statistics(
                     state["unmasked"].add(name)
                 x = x.reshape(-1, x.shape[-1])
             x = x.double()
+            if name not in grams:
+                grams[name] = x.new_zeros(x.shape[-1], x.shape[-1])
             grams[name].addmm_(x.T, x)
             tokens[name] += x.shape[0]
 
         return hook
 
+    def stop_when_all_seen(module: nn.Module, args: Any, output: Any) -> None:
+        # only where the first batch ran every target exactly once (not ALBERT's shared layer)
+        if state["once"] and len(state["calls"]) == len(names):
+            raise _AllTargetsSeen
+
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items() if gram]
+    if not fisher:  # the rest of the forward pass changes no statistic
+        handles += [m.register_forward_hook(stop_when_all_seen) for m in modules.values()]
+    encoder_hook = _watch_encoder_output(model, state) if gram and in_decoder else None
+    if encoder_hook is not None:
+        handles.append(encoder_hook)
     weights = [modules[n].weight for n in names]
     flags = [w.requires_grad for w in weights]
     was_training = model.training
@@ -199,8 +262,13 @@ def collect_statistics(
         total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
         for batch in tqdm(batches, total=total, desc=description, disable=not progress):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            mask = batch.get("attention_mask")
-            state["mask"] = mask.bool() if mask is not None else None
+            for key, field in (
+                ("mask", "attention_mask"),
+                ("decoder_mask", "decoder_attention_mask"),
+            ):
+                mask = batch.get(field)
+                state[key] = mask.bool() if mask is not None else None
+            state["calls"] = Counter()
             if fisher:
                 if "labels" not in batch:
                     raise ConfigError(
@@ -224,8 +292,13 @@ def collect_statistics(
                         g = g.T
                     fishers[name].add_(g.detach().float().square())
             else:
-                with torch.no_grad():
+                with torch.no_grad(), contextlib.suppress(_AllTargetsSeen):
                     model(**{k: v for k, v in batch.items() if k != "labels"})
+            if state["first_batch"]:
+                calls = state["calls"]
+                state["once"] = len(calls) == len(names) and set(calls.values()) == {1}
+            state["previous"] = (None, None)
+            state["first_batch"] = False
             num_batches += 1
     finally:
         for h in handles:
@@ -241,15 +314,29 @@ def collect_statistics(
             "mask; their Gram matrices include padding tokens",
             stacklevel=2,
         )
+    for n in names:  # a module the data never reached (an unrouted expert): zero statistics
+        if gram and n not in grams and n not in shares:
+            size = _in_features(modules[n])
+            grams[n] = torch.zeros(size, size, dtype=torch.float64, device=device)
     return {
         n: ModuleStatistics(
             fisher=fishers[n].div_(num_batches) if fisher else None,
-            gram=grams[n] if gram else None,
+            gram=grams[shares.get(n, n)] if gram else None,
             num_batches=num_batches,
-            num_tokens=tokens[n],
+            num_tokens=tokens[shares.get(n, n)] if gram else 0,
         )
         for n in names
     }
+
+
+def statistics_bytes(statistics: Mapping[str, ModuleStatistics]) -> int:
+    """Bytes held by the statistics' tensors, each shared Gram counted once."""
+    tensors = {id(t): t for s in statistics.values() for t in (s.fisher, s.gram) if t is not None}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class _AllTargetsSeen(Exception):
+    """Raised from a hook to end a Gram-only forward pass once every target has run."""
 
 
 class _TextDataset(torch.utils.data.Dataset):

@@ -4,15 +4,17 @@ Layout of a checkpoint directory::
 
     config.json, tokenizer files     Hugging Face, unchanged
     factorlab.json                   {"schema_version", "factorlab_version", "architecture",
-                                      "method", "modules": {name: layer spec},
+                                      "model_type", "dtype", "method",
+                                      "modules": {name: layer spec},
                                       ["shared_modules": {name: module spec}]}
     model.safetensors                dense models (no factorized module): a plain HF checkpoint
     factorized.safetensors           factorized models
 
 A factorized model's weights are deliberately NOT called ``model.safetensors``: loading one with
 ``AutoModel.from_pretrained`` would otherwise silently build a dense model with random weights in
-the factorized places. Loading rebuilds the factorized modules from the spec (no projection is
-re-run, following NVIDIA ModelOpt's save/restore) and then loads every tensor strictly.
+the factorized places. Loading builds the model on the meta device, rebuilds the factorized
+modules from the spec (no projection is re-run, following NVIDIA ModelOpt's save/restore) and
+then assigns every saved tensor strictly, in its saved dtype.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 import transformers
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
@@ -47,6 +49,13 @@ def _version() -> str:
     return __version__
 
 
+def _dtype_name(model: nn.Module) -> str | None:
+    """``"float32"``, ``"bfloat16"``...: the dtype of the model's floating-point parameters
+    (``None`` when it has none), as the spec records it."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None
+
+
 def build_spec(model: nn.Module, method: dict[str, Any] | None = None) -> dict[str, Any]:
     """The factorization spec of ``model``: its architecture and every factorized layer's spec,
     plus ``"shared_modules"`` (each module several layers share, e.g. a decoder) when there are
@@ -64,6 +73,7 @@ def build_spec(model: nn.Module, method: dict[str, Any] | None = None) -> dict[s
         "method": method,
         "modules": {name: layer.spec() for name, layer in layers.items()},
         "model_type": getattr(config, "model_type", None),
+        "dtype": _dtype_name(model),
     }
     shared: dict[str, nn.Module] = {}
     for name, layer in layers.items():
@@ -155,6 +165,12 @@ def _spec_problem(spec: Any) -> str | None:
         )
     if spec.get("model_type") is not None and not isinstance(spec["model_type"], str):
         return f"'model_type' must be a string, got {spec['model_type']!r}"
+    if spec.get("dtype") is not None and not isinstance(
+        getattr(torch, str(spec["dtype"]), None), torch.dtype
+    ):
+        return (
+            f"'dtype' must be null or a torch dtype name such as 'bfloat16', got {spec['dtype']!r}"
+        )
     method = spec.get("method")
     if method is not None and not (
         isinstance(method, dict) and isinstance(method.get("method"), str)
@@ -252,56 +268,97 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / SPEC_FILE).is_file()
 
 
-def load(directory: str | os.PathLike, device: str | torch.device | None = None) -> PreTrainedModel:
-    """Load a checkpoint written by ``save``: the same modules, parameters and outputs.
+def _read_in_layout(path: Path, model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, each copied into a fresh tensor with the strides of
+    the model's (empty) tensor of that name and the saved dtype.
 
-    An empty model of the saved architecture is built from ``config.json``, each factorized module
-    is rebuilt from its spec (``FactorizedLinear.from_spec``; no projection runs), and every tensor
-    is loaded strictly. A shared module (``"shared_modules"``) is built once and given to every
-    layer naming it, so sharing survives the round trip. The model is returned in eval mode.
+    Layers choose their memory layout (``LowRankLinear`` keeps its factors transposed for faster
+    GEMMs) and safetensors hands out CPU tensors at unaligned addresses; assigning its tensors
+    as they come would change both, and kernels would then differ from the saved model in the
+    last bits. One tensor at a time, so the extra memory is one tensor.
+    """
+    template = model.state_dict(keep_vars=True)
+    aliases: dict[int, list[str]] = {}  # tied tensors: safetensors saved one name of each group
+    for name, tensor in template.items():
+        aliases.setdefault(id(tensor), []).append(name)
+    state = {}
+    with safe_open(str(path), "pt", device=str(device)) as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            saved = f.get_tensor(key)
+            empty = template.get(key)
+            if empty is not None and empty.shape == saved.shape:
+                out = torch.empty_strided(
+                    saved.shape, empty.stride(), dtype=saved.dtype, device=device
+                )
+            else:  # a mismatch: load_state_dict names it
+                out = torch.empty_like(saved)
+            state[key] = out.copy_(saved)
+    for names in aliases.values():
+        present = [n for n in names if n in state]
+        for name in names:
+            if present and name not in state:
+                state[name] = state[present[0]]
+    return state
+
+
+def load(directory: str | os.PathLike, device: str | torch.device | None = None) -> PreTrainedModel:
+    """Load a checkpoint written by ``save``: the same modules, parameters, dtypes and outputs.
+
+    The model of the saved architecture is built from ``config.json`` with its parameters on the
+    meta device (no random initialization; buffers are built as usual), each factorized module is
+    rebuilt from its spec the same way (``FactorizedLinear.from_spec``; no projection runs), and
+    the saved tensors are then assigned in place of the empty ones, strictly, keeping the saved
+    dtype (a bf16 checkpoint loads as bf16). A shared module (``"shared_modules"``) is built once
+    and given to every layer naming it, so sharing survives the round trip; tied weights (an LM
+    head saved once with its embedding) are tied again. The model is returned in eval mode.
 
     Raises:
         DataError: missing directory, spec or weights file.
         CheckpointError: the spec names a module the architecture lacks, or the tensors do not
             match the spec (missing, unexpected or mis-shaped tensors).
     """
+    from accelerate import init_empty_weights
+
     directory = Path(directory)
     spec = read_spec(directory)
     weights = check_weights(directory, spec)
+    device = torch.device(device or "cpu")
     try:
         config = AutoConfig.from_pretrained(directory)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{directory}/config.json cannot be read: {exc}") from exc
     model_cls = getattr(transformers, spec["architecture"])  # in model_classes(): checked
-    model = model_cls(config).to(device or "cpu")
-
-    shared = {
-        key: build_shared_module(module_spec).to(device=device or "cpu")
-        for key, module_spec in spec.get("shared_modules", {}).items()
-    }
-    for name, layer_spec in spec["modules"].items():
-        try:
-            model.get_submodule(name)
-        except AttributeError as exc:
-            raise CheckpointError(
-                f"the spec factorizes {name!r}, which {spec['architecture']} has no module of"
-            ) from exc
-        layer = FactorizedLinear.from_spec(layer_spec, shared)
-        model.set_submodule(name, layer.to(device=device or "cpu"))
+    with init_empty_weights(include_buffers=False):
+        model = model_cls(config)
+        shared = {
+            key: build_shared_module(module_spec)
+            for key, module_spec in spec.get("shared_modules", {}).items()
+        }
+        for name, layer_spec in spec["modules"].items():
+            try:
+                model.get_submodule(name)
+            except AttributeError as exc:
+                raise CheckpointError(
+                    f"the spec factorizes {name!r}, which {spec['architecture']} has no module of"
+                ) from exc
+            model.set_submodule(name, FactorizedLinear.from_spec(layer_spec, shared))
+    if hasattr(model, "tie_weights"):  # not tied under init_empty_weights (it re-registers)
+        model.tie_weights()
 
     try:
-        missing, unexpected = load_model(
-            model, str(weights), strict=False, device=str(device or "cpu")
-        )
+        state = _read_in_layout(weights, model, device)
+        _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except (RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"{weights} does not match its spec: {exc}") from exc
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if missing or unexpected:
         raise CheckpointError(
             f"{weights} does not match its spec {directory / SPEC_FILE}: missing tensors "
             f"{sorted(missing)[:5]}, unexpected tensors {sorted(unexpected)[:5]}"
         )
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    model.to(device)  # buffers built on the CPU
     model.eval()
     return model
 

@@ -243,6 +243,8 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         options["exclude_modules"] = args.exclude_modules
     if getattr(args, "allocation", None) is not None:
         options["allocation"] = args.allocation
+    if getattr(args, "sequential", False):
+        options["sequential"] = True
     for flag in METHOD_FLAGS:
         if getattr(args, flag, None) is not None:
             options[flag] = getattr(args, flag)
@@ -369,7 +371,42 @@ def cmd_stability(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_perplexity(args: argparse.Namespace) -> int:
+    from factorlab.checkpoint import check_weights, is_checkpoint, read_spec
+    from factorlab.models import (
+        check_causal_lm,
+        load_causal_lm,
+        load_tokenizer,
+        max_tokens,
+        resolve_model,
+    )
+    from factorlab.tasks.perplexity import check_windows, read_text, sliding_window_perplexity
+
+    if args.text_file is None:
+        raise _usage("--task perplexity needs --text-file F (a UTF-8 text to score)")
+    if args.runtime != "torch":
+        raise _usage("--task perplexity runs in PyTorch only; drop --runtime / --int8")
+    path = resolve_model(args.checkpoint)
+    if is_checkpoint(path):
+        check_weights(path, read_spec(path))
+    check_causal_lm(path)
+    check_windows(args.seq_len, args.stride, max_tokens(path))
+    text = read_text(args.text_file)
+    model = load_causal_lm(path)
+    tokenizer = load_tokenizer(path)
+    tokenizer.model_max_length = 10**9  # one long sequence, scored in windows: no length warning
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    result = sliding_window_perplexity(
+        model, ids, args.seq_len, args.stride, progress=not args.no_progress
+    )
+    record = {"checkpoint": args.checkpoint, "task": "perplexity", "text_file": args.text_file}
+    print(json.dumps(record | {"metrics": result.to_dict()}, indent=2))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.task == "perplexity":
+        return _evaluate_perplexity(args)
     from factorlab.checkpoint import check_weights, is_checkpoint, read_spec
     from factorlab.models import (
         is_sequence_classifier,
@@ -598,6 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="uniform: every matrix keeps --param-ratio (default); global: one budget over all "
         "matrices, ranks where the method's truncation error drops most per parameter",
     )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="act-svd (Gram statistics, uniform allocation): calibrate each block on the "
+        "outputs of the already-compressed blocks before it",
+    )
     _add_lpaf_args(p)
     _add_dsformer_args(p)
     _add_option_arg(p)
@@ -641,12 +684,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(p)
     p.set_defaults(func=lambda a: cmd_compress(a, None))
 
-    p = sub.add_parser("evaluate", help="evaluate a saved checkpoint on a GLUE dev set")
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a saved checkpoint on a GLUE dev set, or a causal LM's perplexity on a text",
+    )
     p.add_argument(
         "checkpoint",
-        help="a factorlab run folder or checkpoint, or a Hugging Face sequence classifier",
+        help="a factorlab run folder or checkpoint, a Hugging Face sequence classifier, or (with "
+        "--task perplexity) a causal LM folder or Hub id",
     )
-    p.add_argument("--task", required=True, help="GLUE task the model was fine-tuned on")
+    p.add_argument(
+        "--task",
+        required=True,
+        help="GLUE task the model was fine-tuned on, or 'perplexity' (causal LMs, --text-file)",
+    )
+    g = p.add_argument_group("perplexity (causal LMs; the SVD-LLM / ASVD protocol)")
+    g.add_argument("--text-file", help="UTF-8 text to score (e.g. WikiText-2's test split)")
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per window, default 512")
+    g.add_argument(
+        "--stride", type=int, default=256, help="tokens between window starts, default 256"
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--data-dir", help="GLUE folder (<dir>/SST-2/dev.tsv ...); default: $GLUE_DIR")
     p.add_argument(
         "--max-seq-length", type=int, default=128, help="tokens per example, default 128"

@@ -10,6 +10,7 @@ from typing import Any
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
@@ -96,6 +97,49 @@ def is_sequence_classifier(path: str) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in saved_architectures(path))
 
 
+def causal_lm_classes() -> frozenset[str]:
+    """The causal-LM model classes of the installed transformers (``GPT2LMHeadModel``,
+    ``LlamaForCausalLM``...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    return frozenset(names)
+
+
+def is_causal_lm(path: str) -> bool:
+    """Whether the model folder holds a causal language model (a model with an LM head)."""
+    return any(a in causal_lm_classes() for a in saved_architectures(path))
+
+
+def check_causal_lm(name_or_path: str) -> None:
+    """Raise ``ConfigError`` when a local model folder holds no causal LM (an encoder or a
+    classifier); Hub ids are checked when loaded."""
+    if Path(name_or_path).exists() and not is_causal_lm(name_or_path):
+        found = saved_architectures(name_or_path) or ["no architecture in config.json"]
+        raise ConfigError(
+            f"{name_or_path} holds {', '.join(found)}, not a causal language model; perplexity "
+            "needs one (GPT2LMHeadModel, LlamaForCausalLM, ...)"
+        )
+
+
+def load_causal_lm(name_or_path: str) -> PreTrainedModel:
+    """A causal LM from a factorlab checkpoint, a local folder or a Hub id, in eval mode.
+
+    Raises:
+        ConfigError: the folder holds a model without an LM head (an encoder, a classifier).
+        DataError: the model cannot be found or loaded.
+    """
+    check_causal_lm(name_or_path)
+    if is_checkpoint(name_or_path):
+        return load(name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path).eval()
+    except (OSError, ValueError) as exc:
+        raise _hub_error(name_or_path, exc) from exc
+
+
 def max_tokens(name_or_path: str) -> int | None:
     """The longest sequence ``name_or_path`` takes: its tokenizer's ``model_max_length`` when set,
     else the config's ``max_position_embeddings``; ``None`` when neither says (or for a Hub id
@@ -120,10 +164,22 @@ def load_tokenizer(name_or_path: str) -> Any:
         raise _hub_error(name_or_path, exc) from exc
 
 
+def _saved_class(name_or_path: str) -> Any:
+    """The model class a model's ``config.json`` names when transformers has it (a causal LM
+    keeps its LM head, a classifier its head), else ``AutoModel``."""
+    import transformers
+
+    from factorlab.checkpoint import model_classes
+
+    known = [a for a in saved_architectures(name_or_path) if a in model_classes()]
+    return getattr(transformers, known[0]) if known else AutoModel
+
+
 def load_model(
     name_or_path: str, num_labels: int | None = None, regression: bool = False
 ) -> PreTrainedModel:
-    """Load a model, with a sequence-classification head when ``num_labels`` is given.
+    """Load a model, with a sequence-classification head when ``num_labels`` is given, else as
+    the class its ``config.json`` names (a causal LM keeps its LM head; a Hub id: ``AutoModel``).
 
     A factorlab checkpoint is loaded with ``factorlab.load`` (its head must have ``num_labels``
     outputs). A Hugging Face model gets a freshly initialized head if it has none; seed the RNG
@@ -148,7 +204,7 @@ def load_model(
         return model
     try:
         if num_labels is None:
-            return AutoModel.from_pretrained(name_or_path)
+            return _saved_class(name_or_path).from_pretrained(name_or_path)
         config = AutoConfig.from_pretrained(
             name_or_path,
             num_labels=num_labels,

@@ -393,6 +393,11 @@ def _execute(run: PreparedRun, progress: bool, log: Any) -> dict[str, Any]:
             f"{targeted_before:,} -> {targeted_after:,} targeted parameters "
             f"({report.kept_ratio:.3f} kept)"
         )
+        if report.calibration_peak_bytes is not None:
+            say(
+                f"calibration statistics: at most {report.calibration_peak_bytes / 2**20:.1f} "
+                "MiB held at once"
+            )
 
     metrics: dict[str, float] = {}
     train_info: dict[str, Any] = {}

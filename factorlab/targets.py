@@ -3,7 +3,8 @@
 This is the only place that knows module names. Presets name the attention and feed-forward
 matrices of the transformer blocks; embeddings, poolers and task heads are never targeted by
 default. For an architecture without a preset, every linear layer inside the model's repeated
-blocks (the longest ``nn.ModuleList`` of identical blocks) is a target.
+blocks is a target: the blocks of every stack (each outermost ``nn.ModuleList`` of same-type
+blocks: encoder and decoder, cross-attention included; ALBERT's one shared layer once).
 """
 
 from __future__ import annotations
@@ -90,27 +91,57 @@ def summarize_names(names: Sequence[str]) -> str:
     return ", ".join(f"{k} (x{v})" if v > 1 else k for k, v in folded.items())
 
 
-def _repeated_block_prefixes(model: nn.Module) -> list[str]:
-    """Prefixes (``"transformer.h.3."``) of the blocks of the longest list of identical blocks."""
-    best: tuple[int, str] = (0, "")
+def _block_lists(model: nn.Module) -> list[str]:
+    """Names of the outermost ``nn.ModuleList``s of same-type blocks that hold linear layers.
+
+    Every stack counts: an encoder-decoder model has two (T5's ``encoder.block`` and
+    ``decoder.block``), a shared-layer model one list of one block (ALBERT's
+    ``albert_layer_groups``). Lists nested inside a found list (experts inside a block) belong to
+    its blocks; lists of bare linear layers are not blocks.
+    """
+    found: list[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) >= 2:
-            kinds = {type(child) for child in module}
-            if len(kinds) == 1 and len(module) > best[0]:
-                best = (len(module), name)
-    if best[0] == 0:
-        return []
-    return [f"{best[1]}.{i}." if best[1] else f"{i}." for i in range(best[0])]
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(name.startswith(f"{outer}.") or not outer for outer in found):
+            continue
+        kinds = {type(child) for child in module}
+        if len(kinds) != 1 or issubclass(kinds.pop(), SUPPORTED_TYPES):
+            continue
+        if any(isinstance(m, SUPPORTED_TYPES) for m in module.modules()):
+            found.append(name)
+    return found
+
+
+def _repeated_block_prefixes(model: nn.Module) -> list[str]:
+    """Prefixes (``"transformer.h.3."``) of every block of every stack, in module order."""
+    modules = dict(model.named_modules())
+    return [
+        f"{name}.{i}." if name else f"{i}."
+        for name in _block_lists(model)
+        for i in range(len(modules[name]))
+    ]
+
+
+def _tied_linear_names(model: nn.Module) -> set[str]:
+    """Linear modules whose weight is also registered elsewhere (an LM head tied to the input
+    embedding): factorizing one would untie them."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name.rsplit(".", 1)[0])
+    return {n for names in owners.values() if len(names) > 1 for n in names}
 
 
 def default_target_names(model: nn.Module) -> list[str]:
-    """The preset targets of ``model``'s architecture, else every linear inside its blocks."""
+    """The preset targets of ``model``'s architecture, else every linear inside the blocks of
+    every stack (never embeddings, heads or tied weights)."""
     names = linear_module_names(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in PRESETS:
         return [n for n in names if re.fullmatch(PRESETS[model_type], n)]
     prefixes = _repeated_block_prefixes(model)
-    return [n for n in names if any(n.startswith(p) for p in prefixes)]
+    tied = _tied_linear_names(model)
+    return [n for n in names if n not in tied and any(n.startswith(p) for p in prefixes)]
 
 
 def select_targets(
@@ -191,10 +222,10 @@ def budget_for(name: str, config: FactorizationConfig) -> ModuleBudget:
 def group_by_block(model: nn.Module, names: Sequence[str]) -> list[list[str]]:
     """Split module ``names`` into one group per repeated transformer block, in module order.
 
-    The blocks are those of the model's longest ``nn.ModuleList`` of identical blocks (BERT:
-    ``bert.encoder.layer.3.``, GPT-2: ``transformer.h.3.``), so this works for any architecture
-    without code per model. Used by staged factorization (METHODS.md §4) to make one stage per
-    block.
+    The blocks are those of every stack of the model (BERT: ``bert.encoder.layer.3.``, GPT-2:
+    ``transformer.h.3.``, T5: ``encoder.block.3.`` then ``decoder.block.3.``), so this works for
+    any architecture without code per model. Used by staged factorization (METHODS.md §4) to
+    make one stage per block, and by block-by-block calibration.
 
     Args:
         model: the model the names belong to.

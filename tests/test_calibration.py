@@ -147,3 +147,20 @@ def test_resolve_calibration(tiny_glue_dir, tiny_model_dir, tmp_path):
     # Fisher needs a head: a plain HF folder without --task is refused
     with pytest.raises(ConfigError, match="task head"):
         resolve_calibration(CalibrationConfig(task="rte"), "fwsvd", None, tiny_glue_dir, model)
+
+
+def test_encoder_decoder_grams_follow_the_mask_of_the_tokens_each_module_reads():
+    from tests.architectures import build_family
+
+    family = build_family("bart")
+    model, batch = family.model, dict(family.batch)
+    batch["decoder_attention_mask"] = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    stats = collect_statistics(model, [batch], fisher=False, progress=False)
+    encoder_tokens = int(batch["attention_mask"].sum())  # 8 + 6
+    decoder_tokens = int(batch["decoder_attention_mask"].sum())  # 5 + 3
+    layer = "model.decoder.layers.0."
+    assert stats["model.encoder.layers.0.self_attn.q_proj"].num_tokens == encoder_tokens
+    assert stats[layer + "self_attn.q_proj"].num_tokens == decoder_tokens
+    assert stats[layer + "encoder_attn.q_proj"].num_tokens == decoder_tokens
+    assert stats[layer + "encoder_attn.k_proj"].num_tokens == encoder_tokens
+    assert stats[layer + "fc1"].num_tokens == decoder_tokens

@@ -158,3 +158,44 @@ def test_load_to_device_dtype_default_cpu(tmp_path):
     save(model, tmp_path / "ck")
     loaded = load(tmp_path / "ck")
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoint_loads_in_its_dtype_exactly(tmp_path, dtype):
+    model, _ = factorized_bert()
+    model.to(dtype)
+    save(model, tmp_path / "ck")
+    assert read_spec(tmp_path / "ck")["dtype"] == str(dtype).removeprefix("torch.")
+    loaded = load(tmp_path / "ck")
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    ids = tokens()
+    assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=0)
+
+
+def test_load_builds_on_the_meta_device_without_random_init(tmp_path, monkeypatch):
+    model, _ = factorized_bert()
+    save(model, tmp_path / "ck")
+    initialized = []
+    original = torch.nn.init.normal_
+
+    def recording_normal_(tensor, *args, **kwargs):
+        if not tensor.is_meta:
+            initialized.append(tuple(tensor.shape))
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", recording_normal_)
+    tiny_bert()
+    assert initialized, "the probe must see a normal model's random init"
+    initialized.clear()
+    loaded = load(tmp_path / "ck")
+    assert initialized == []
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+
+
+def test_tied_lm_head_stays_tied_after_load(tmp_path):
+    model = tiny_gpt2()
+    fl.factorize_(model, fl.LowRankConfig(param_ratio=0.5))
+    save(model, tmp_path / "ck")
+    loaded = load(tmp_path / "ck")
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert_close(logits(loaded, tokens()), logits(model, tokens()), rtol=0, atol=0)

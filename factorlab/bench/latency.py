@@ -454,7 +454,10 @@ def bench(
     ``threads``, ``dtype``, ``parameters`` {model, dense, ratio}, ``macs`` (per forward pass of
     one sequence: ``MacCount.to_dict()`` with ``total``, ``dense_total``, ``ratio``,
     ``factorized_ratio``, for the model; the dense numbers follow from it), ``batches`` (one
-    ``Comparison.to_dict()`` per batch size, with ``macs_per_batch``), ``memory_method`` and
+    ``Comparison.to_dict()`` per batch size, with ``macs_per_batch``; for a causal LM this is
+    the prefill of ``seq_len`` tokens), ``decode`` (causal LMs in PyTorch: seconds per new token
+    at batch 1 after ``seq_len`` cached tokens, ``factorlab.bench.decode``; else ``None``),
+    ``memory_method`` and
     ``environment`` (torch version, CPU count, 1-minute load average before and after: a loaded
     machine makes timings noisy).
 
@@ -485,6 +488,14 @@ def bench(
             entry = comparison.to_dict()
             entry["macs_per_batch"] = macs.total * batch_size
             batches.append(entry)
+    decode = None
+    if runtime == "torch":
+        from factorlab.bench.decode import benchmark_decode, is_causal_lm
+
+        if is_causal_lm(model):
+            pair = [model] if dense is None else [model, dense]
+            timed_decode = benchmark_decode(pair, seq_len, runs, warmup, threads)
+            decode = Comparison(timed_decode[0], timed_decode[-1]).to_dict() | {"context": seq_len}
     dense_params = count_parameters(dense) if dense is not None else count_parameters(model)
     params = count_parameters(model)
     env["loadavg_1m_after"] = _environment()["loadavg_1m"]
@@ -501,6 +512,7 @@ def bench(
         "parameters": {"model": params, "dense": dense_params, "ratio": params / dense_params},
         "macs": macs.to_dict(),
         "batches": batches,
+        "decode": decode,
         "memory_method": MEMORY_METHOD,
         "environment": env,
     }
@@ -573,6 +585,14 @@ def format_bench(result: dict[str, Any]) -> str:
     env = result["environment"]
     kind = "factorized" if result["factorized"] else "dense"
     runtime = result.get("runtime", "torch") + (", int8" if result.get("int8") else ", float32")
+    decode = result.get("decode")
+    if decode is not None:
+        lines += [
+            "",
+            f"decode      {1e3 * decode['model']['median_s']:.2f} ms/token at batch 1 after "
+            f"{decode['context']} cached tokens (dense {1e3 * decode['dense']['median_s']:.2f}, "
+            f"latency x {decode['latency_ratio']:.3f}); the rows above are prefill",
+        ]
     lines += [
         "",
         f"model       {result['model'] or '-'} ({kind})",

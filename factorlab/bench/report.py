@@ -374,10 +374,14 @@ def plot_latency_vs_ratio(
 
 def query_matrices(model: Any) -> list[tuple[str, Any]]:
     """``[(name, weight (out, in))]`` of the attention query projections of ``model`` in module
-    order (modules named ``query``, ``q_lin`` or ``q_proj``)."""
+    order (modules named ``query``, ``q_lin`` or ``q_proj``); factorized ones are skipped."""
+    from torch import nn
+
     found = []
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in ("query", "q_lin", "q_proj") and hasattr(module, "weight"):
+        if name.rsplit(".", 1)[-1] in ("query", "q_lin", "q_proj") and isinstance(
+            module, nn.Linear
+        ):
             found.append((name, module.weight.detach()))
     return found
 

@@ -54,6 +54,63 @@ def build_shared_module(spec: dict[str, Any]) -> nn.Module:
         raise CheckpointError(f"spec {spec} does not fit shared module {kind!r}: {exc}") from exc
 
 
+class FactorizedWeight:
+    """What modeling code may read of a factorized layer's ``weight`` without the dense matrix.
+
+    Some Hugging Face modeling code reads ``module.weight.dtype`` or ``.device`` inside its forward
+    (T5's feed-forward casts its input to ``wo.weight.dtype``; Switch and NLLB-MoE do the same).
+    ``FactorizedLinear.weight`` answers with this object: ``shape`` ``(out_features,
+    in_features)``, ``dtype`` and ``device`` of the layer's factors, never materializing ``W``.
+    It is deliberately not a ``torch.Tensor`` (code that checks ``isinstance(w, torch.Tensor)``
+    before using the values skips it); any other attribute raises an ``AttributeError`` that
+    points to ``to_dense()``.
+    """
+
+    __slots__ = ("_layer",)
+
+    def __init__(self, layer: FactorizedLinear):
+        self._layer = layer
+
+    def _first_tensor(self) -> torch.Tensor:
+        tensor = next(self._layer.parameters(), None)
+        if tensor is None:
+            tensor = next(self._layer.buffers(), None)
+        if tensor is None:
+            raise AttributeError(f"{type(self._layer).__name__} holds no tensor yet")
+        return tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._first_tensor().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._first_tensor().device
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self._layer.out_features, self._layer.in_features))
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def size(self, dim: int | None = None) -> torch.Size | int:
+        return self.shape if dim is None else self.shape[dim]
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(
+            f"{type(self._layer).__name__}.weight is held in factored form and offers only "
+            f"dtype, device, shape, ndim and size(), not {name!r}; call to_dense() for the "
+            "dense (out_features, in_features) matrix"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"FactorizedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+        )
+
+
 class FactorizedLinear(nn.Module):
     """A drop-in replacement for ``nn.Linear`` whose weight is held in factored form.
 
@@ -83,6 +140,12 @@ class FactorizedLinear(nn.Module):
         self.out_features = out_features
         self.source = source
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @property
+    def weight(self) -> FactorizedWeight:
+        """``dtype``, ``device`` and ``shape`` of the weight this layer stands for, for modeling
+        code that reads them (see ``FactorizedWeight``); ``to_dense()`` gives the values."""
+        return FactorizedWeight(self)
 
     def to_dense(self) -> torch.Tensor:
         """The dense weight ``W`` this layer computes, shape ``(out_features, in_features)``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -11,11 +12,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from factorlab.allocation import allocate_global
+from factorlab.calibration import statistics_bytes
 from factorlab.errors import ConfigError
 from factorlab.layers.base import FactorizedLinear
 from factorlab.methods.config import FactorizationConfig
 from factorlab.methods.registry import GroupMember, ModuleBudget, Projected, get_method
-from factorlab.targets import budget_for, select_targets
+from factorlab.targets import budget_for, group_by_block, select_targets
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class FactorizationReport:
     method: str
     config: dict[str, Any]
     modules: list[ModuleReport] = field(default_factory=list)
+    calibration_peak_bytes: int | None = None
+    """Most bytes of calibration statistics held at once (``None``: statistics were passed in)."""
 
     @property
     def targeted_before(self) -> int:
@@ -63,6 +67,7 @@ class FactorizationReport:
             "targeted_before": self.targeted_before,
             "targeted_after": self.targeted_after,
             "kept_ratio": self.kept_ratio,
+            "calibration_peak_bytes": self.calibration_peak_bytes,
             "modules": [asdict(m) for m in self.modules],
         }
 
@@ -102,6 +107,7 @@ def plan_modules(
     model: nn.Module,
     config: FactorizationConfig,
     calibration: dict[str, Any] | None = None,
+    statistics_later: bool = False,
 ) -> tuple[list[Any], list[ModuleBudget], list[int | None]]:
     """Select the targets of ``config`` in ``model`` and plan each one's rank, touching nothing.
 
@@ -111,6 +117,9 @@ def plan_modules(
     (``Method.spectrum``, with the module's calibration statistics) and spends
     ``floor(param_ratio * sum m n)`` parameters with ``factorlab.allocation.allocate_global``;
     on meta weights it checks only the targets (and returns no budgets or ranks).
+
+    ``statistics_later``: the statistics come block by block after planning (uniform
+    allocation only), so none are required now.
 
     Returns:
         ``(targets, budgets, ranks)``, one entry per targeted module; a rank of ``None`` leaves
@@ -125,7 +134,7 @@ def plan_modules(
     method = get_method(config)
     targets = select_targets(model, config.target_modules, config.exclude_modules)
     on_meta = any(t.weight.is_meta for t in targets)
-    if method.needs_calibration and not on_meta:
+    if method.needs_calibration and not on_meta and not statistics_later:
         missing = [t.name for t in targets if calibration is None or t.name not in calibration]
         if missing:
             raise ConfigError(
@@ -170,6 +179,7 @@ def factorize_(
     config: FactorizationConfig,
     calibration: dict[str, Any] | None = None,
     progress: bool | None = None,
+    calibrate: Callable[[list[str]], dict[str, Any]] | None = None,
 ) -> FactorizationReport:
     """Replace the targeted linear layers of ``model`` by factorized layers, in place.
 
@@ -182,23 +192,62 @@ def factorize_(
     A method with a ``build_group`` (one that fits several modules jointly, e.g. a shared
     decoder) gets all planned modules in one call before any module is swapped.
 
+    Statistics come either whole (``calibration``) or from ``calibrate``, a function of module
+    names. With ``calibrate``, a method that reads only Gram statistics (act-svd, DSFormer's
+    whitened basis) under uniform allocation streams: one transformer block at a time (every
+    stack, ``group_by_block``) is calibrated, projected and its statistics dropped, so the
+    statistics held at once are one block's (SVD-LLM's and GPTQ's block-wise pipelines). Other
+    methods (Fisher statistics, global allocation, grouped fits) calibrate all targets once.
+
     Args:
         model: any model whose targets are ``nn.Linear`` or GPT-2 ``Conv1D``.
         config: a registered method's config (``LowRankConfig(param_ratio=0.5)``, ...).
         calibration: per-module statistics ``{module name: stats}`` for data-aware methods.
         progress: a bar over the projections; ``None`` shows it only on a terminal.
+        calibrate: ``(module names) -> {name: stats}`` statistics of the model as it is now.
+            With ``config.sequential`` (streaming only) each block's layers are swapped as soon
+            as it is projected, so block ``l`` is calibrated on the outputs of the
+            already-compressed blocks ``1 .. l-1``; a failure then puts the originals back.
 
     Returns:
-        A ``FactorizationReport`` with one ``ModuleReport`` per target.
+        A ``FactorizationReport`` with one ``ModuleReport`` per target;
+        ``calibration_peak_bytes`` when ``calibrate`` was used.
 
     Raises:
-        ConfigError: unknown method, infeasible budget, or missing calibration statistics.
+        ConfigError: unknown method, infeasible budget, missing calibration statistics, both
+            ``calibration`` and ``calibrate``, or ``config.sequential`` where statistics cannot
+            stream.
         TargetError: see ``select_targets``.
     """
     method = get_method(config)
-    targets, budgets, plans = plan_modules(model, config, calibration)
+    sequential = config.sequential
+    if calibration is not None and calibrate is not None:
+        raise ConfigError("factorize_: pass calibration statistics or calibrate, not both")
+    streaming = (
+        calibrate is not None
+        and method.build_group is None
+        and config.allocation == "uniform"
+        and "fisher" not in method.statistics
+    )
+    if sequential and not streaming:
+        raise ConfigError(
+            f"sequential calibration needs block-by-block statistics: a calibrate function, "
+            f"Gram statistics only and uniform allocation; {method.name} with allocation "
+            f"{config.allocation!r} calibrates all modules at once"
+        )
+    peak = None
+    if calibrate is not None and not streaming:
+        names = [
+            t.name for t in select_targets(model, config.target_modules, config.exclude_modules)
+        ]
+        calibration = calibrate(names)
+        peak = statistics_bytes(calibration)
+    targets, budgets, plans = plan_modules(model, config, calibration, statistics_later=streaming)
+    by_name = {
+        t.name: (t, budget, rank) for t, budget, rank in zip(targets, budgets, plans, strict=True)
+    }
 
-    grouped: dict[str, Projected] | None = None
+    projected: dict[str, Projected] = {}
     if method.build_group is not None:
         members = [
             GroupMember(
@@ -209,61 +258,81 @@ def factorize_(
                 rank,
                 calibration.get(t.name) if calibration else None,
             )
-            for t, budget, rank in zip(targets, budgets, plans, strict=True)
+            for t, budget, rank in by_name.values()
             if rank is not None
         ]
-        grouped = method.build_group(members, config) if members else {}
+        projected = method.build_group(members, config) if members else {}
+    elif streaming:
+        planned = [t.name for t, _, rank in by_name.values() if rank is not None]
+        swapped: dict[str, nn.Module] = {}
+        try:
+            for block in group_by_block(model, planned):
+                statistics = calibrate(block)  # type: ignore[misc]
+                peak = max(peak or 0, statistics_bytes(statistics))
+                for name in block:
+                    target, _, rank = by_name[name]
+                    projected[name] = method.build(
+                        target.weight, target.module.bias, rank, config, statistics.get(name)
+                    )
+                del statistics
+                if sequential:
+                    for name in block:
+                        swapped[name] = by_name[name][0].module
+                        _swap(model, by_name[name][0], projected[name])
+        except BaseException:
+            for name, module in swapped.items():
+                model.set_submodule(name, module)
+            raise
+    else:
+        bar = tqdm(
+            [(t, rank) for t, _, rank in by_name.values() if rank is not None],
+            desc=f"factorize ({method.name})",
+            disable=None if progress is None else not progress,
+            leave=False,
+        )
+        for target, rank in bar:
+            stats = calibration.get(target.name) if calibration else None
+            projected[target.name] = method.build(
+                target.weight, target.module.bias, rank, config, stats
+            )
 
-    # project every module first, swap them all after: a projection that fails leaves the
-    # model untouched
-    projected_layers: list[tuple[Any, int | None, Projected | None]] = []
-    bar = tqdm(
-        list(zip(targets, plans, strict=True)),
-        desc=f"factorize ({method.name})",
-        disable=None if progress is None else not progress,
-        leave=False,
-    )
-    for target, rank in bar:
-        if grouped is not None and target.name not in grouped:
-            rank = None
-        projected = None
-        if rank is not None:
-            if grouped is not None:
-                projected = grouped[target.name]
-            else:
-                stats = calibration.get(target.name) if calibration else None
-                projected = method.build(target.weight, target.module.bias, rank, config, stats)
-        projected_layers.append((target, rank, projected))
-
-    report = FactorizationReport(method.name, config.to_dict())
-    for target, rank, projected in projected_layers:
+    # every projection has succeeded: swap them all
+    report = FactorizationReport(method.name, config.to_dict(), calibration_peak_bytes=peak)
+    for target, _, rank in by_name.values():
         module = target.module
         before = sum(p.numel() for p in module.parameters())
         m, n = target.shape
-        if projected is None:
+        result = projected.get(target.name)
+        if result is None:
             report.modules.append(
                 ModuleReport(target.name, m, n, "dense", None, before, before, 0.0)
             )
             continue
-        weight = target.weight
-        layer: FactorizedLinear = projected.layer.to(device=weight.device, dtype=weight.dtype)
-        layer.source = target.source
-        layer.train(module.training)
-        model.set_submodule(target.name, layer)
+        layer = _swap(model, target, result) if not sequential else model.get_submodule(target.name)
         report.modules.append(
             ModuleReport(
                 target.name,
                 m,
                 n,
                 layer.kind,
-                rank if projected.rank is None else projected.rank,
+                rank if result.rank is None else result.rank,
                 before,
-                layer.num_parameters() if projected.params is None else projected.params,
-                projected.rel_error,
-                projected.details,
+                layer.num_parameters() if result.params is None else result.params,
+                result.rel_error,
+                result.details,
             )
         )
     return report
+
+
+def _swap(model: nn.Module, target: Any, projected: Projected) -> FactorizedLinear:
+    """Put ``projected``'s layer in ``target``'s place, with its dtype, device, source and mode."""
+    weight = target.weight
+    layer: FactorizedLinear = projected.layer.to(device=weight.device, dtype=weight.dtype)
+    layer.source = target.source
+    layer.train(target.module.training)
+    model.set_submodule(target.name, layer)
+    return layer
 
 
 def factorized_modules(model: nn.Module) -> dict[str, FactorizedLinear]:

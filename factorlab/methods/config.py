@@ -35,6 +35,9 @@ class FactorizationConfig:
         allocation_normalize: with global allocation, minimize the sum of relative squared
             errors (each matrix's spectrum divided by its energy) instead of the sum of absolute
             ones (default: the objective the method itself minimizes, summed).
+        sequential: data-aware methods whose statistics stream block by block (Gram only,
+            uniform allocation; see ``factorize_``): calibrate block ``l`` on the outputs of
+            the already-compressed blocks ``1 .. l-1`` (SVD-LLM v2, GPTQ-style pipelines).
     """
 
     method: ClassVar[str] = ""
@@ -47,6 +50,7 @@ class FactorizationConfig:
     min_rank: int = 1
     max_param_ratio: float = 1.0
     allocation_normalize: bool = False
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         from factorlab.allocation import check_allocation

@@ -73,14 +73,22 @@ class Simultaneous:
         timings: dict[str, float] = {}
         report = None
         if factorization is not None:
-            statistics = None
-            if calibrate is not None:
+            calibration_seconds = 0.0
+
+            def timed_calibrate(names: list[str]) -> dict[str, Any]:
+                nonlocal calibration_seconds
                 start = time.perf_counter()
-                statistics = calibrate(model)
-                timings["calibration"] = time.perf_counter() - start
+                statistics = calibrate(model, names)  # type: ignore[misc]
+                calibration_seconds += time.perf_counter() - start
+                return statistics
+
             start = time.perf_counter()
-            report = factorize_(model, factorization, statistics)
-            timings["factorize"] = time.perf_counter() - start
+            report = factorize_(
+                model, factorization, calibrate=timed_calibrate if calibrate else None
+            )
+            if calibrate is not None:
+                timings["calibration"] = calibration_seconds
+            timings["factorize"] = time.perf_counter() - start - calibration_seconds
         result = None
         if job is not None:
             result = train(

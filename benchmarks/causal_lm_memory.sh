@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Peak memory of act-svd compression of a LLaMA-shaped random model of about 1.1B parameters
+# (TinyLlama-1.1B's shape: hidden 2048, FFN 5632, 22 layers, 32 heads / 4 KV heads, vocabulary
+# 32000; bf16), and the load time of its checkpoint. No real decoder can be had offline here, so
+# the weights are random: this measures memory and time, not accuracy. Statistics stream block
+# by block (factorize_ with a calibrate function), so the peak should stay within the model plus
+# one block's statistics plus 2 GB.
+# Usage: OMP_NUM_THREADS=1 bash benchmarks/causal_lm_memory.sh OUT [SAMPLES] [SEQ_LEN]
+set -euo pipefail
+out=${1:?usage: causal_lm_memory.sh OUT [SAMPLES] [SEQ_LEN]}
+samples=${2:-8}
+seq_len=${3:-64}
+export HF_HUB_OFFLINE=1
+mkdir -p "$out"
+
+if [ ! -f "$out/dense/config.json" ]; then
+  python - "$out/dense" <<'PY'
+import sys, time
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from factorlab.models import default_model_path, load_tokenizer
+
+start = time.perf_counter()
+config = LlamaConfig(
+    vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+    num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+)
+torch.manual_seed(0)
+with torch.device("cpu"):
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+print(f"built {sum(p.numel() for p in model.parameters()):,} parameters (bf16) in "
+      f"{time.perf_counter() - start:.0f} s")
+model.save_pretrained(sys.argv[1])
+tokenizer = load_tokenizer(default_model_path())  # any tokenizer: ids < 30522 < 32000
+tokenizer.save_pretrained(sys.argv[1])
+PY
+fi
+# calibration text: the README, one example per line
+grep -v '^\s*$' README.md | head -n 400 > "$out/calibration.txt"
+
+/usr/bin/time -v factorlab compress --model "$out/dense" --method act-svd --param-ratio 0.5 \
+  --calibration-file "$out/calibration.txt" --calibration-samples "$samples" \
+  --max-seq-length "$seq_len" --output "$out/act-svd" --overwrite --no-progress \
+  2> >(tee "$out/compress.time" >&2)
+grep -E "Maximum resident|Elapsed" "$out/compress.time"
+du -sh "$out/dense" "$out/act-svd"
+
+python - "$out" <<'PY'
+import sys, time
+import torch
+from transformers import AutoModelForCausalLM
+import factorlab
+
+out = sys.argv[1]
+start = time.perf_counter()
+model = factorlab.load(f"{out}/act-svd")
+print(f"factorlab.load of the act-svd checkpoint: {time.perf_counter() - start:.1f} s, "
+      f"dtype {next(model.parameters()).dtype}, {sum(p.numel() for p in model.parameters()):,} "
+      "parameters")
+del model
+start = time.perf_counter()
+dense = AutoModelForCausalLM.from_pretrained(f"{out}/dense")
+print(f"transformers from_pretrained of the dense model: {time.perf_counter() - start:.1f} s, "
+      f"dtype {next(dense.parameters()).dtype}")
+PY
