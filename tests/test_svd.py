@@ -70,3 +70,35 @@ def test_rejects_bad_rank(rank):
 
 def test_zero_matrix_has_zero_error():
     assert truncated_svd(torch.zeros(5, 5), 2).rel_error == 0.0
+
+
+@pytest.mark.parametrize("shape", [(96, 24), (24, 96), (40, 40)])
+def test_top_singular_from_the_gram_matches_full_svd(shape):
+    from factorlab.projections.svd import singular_values, top_singular
+
+    g = torch.Generator().manual_seed(0)
+    decay = torch.logspace(0, -4, min(shape), dtype=torch.float64)
+    U0, _ = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=g, dtype=torch.float64))
+    V0, _ = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=g, dtype=torch.float64))
+    W = (U0 * decay) @ V0.T
+    rank = min(shape) // 3
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    u, s, vh = top_singular(W, rank)
+    assert_close((u * s[:rank]) @ vh, (U[:, :rank] * S[:rank]) @ Vh[:rank], rtol=0, atol=1e-13)
+    assert_close(s, S, rtol=0, atol=1e-12)
+    assert_close(u.T @ u, torch.eye(rank, dtype=torch.float64), rtol=0, atol=1e-10)
+    assert_close(singular_values(W), torch.linalg.svdvals(W), rtol=0, atol=1e-12)
+
+
+def test_top_singular_of_rank_deficient_and_zero_matrices():
+    from factorlab.projections.svd import top_singular
+
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(30, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, 20, generator=g, dtype=torch.float64
+    )
+    u, s, vh = top_singular(W, 8)  # 5 of the 8 singular values are zero
+    assert torch.isfinite(u).all() and torch.isfinite(vh).all()
+    assert_close((u * s[:8]) @ vh, W, rtol=0, atol=1e-12)
+    u, s, vh = top_singular(torch.zeros(6, 4, dtype=torch.float64), 2)
+    assert (u == 0).all() and (s == 0).all()

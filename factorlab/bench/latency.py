@@ -454,9 +454,12 @@ def bench(
     ``threads``, ``dtype``, ``parameters`` {model, dense, ratio}, ``macs`` (per forward pass of
     one sequence: ``MacCount.to_dict()`` with ``total``, ``dense_total``, ``ratio``,
     ``factorized_ratio``, for the model; the dense numbers follow from it), ``batches`` (one
-    ``Comparison.to_dict()`` per batch size, with ``macs_per_batch``; for a causal LM this is
-    the prefill of ``seq_len`` tokens), ``decode`` (causal LMs in PyTorch: seconds per new token
-    at batch 1 after ``seq_len`` cached tokens, ``factorlab.bench.decode``; else ``None``),
+    ``Comparison.to_dict()`` per batch size, with ``macs_per_batch``, and for factorized models
+    in PyTorch ``limit`` (``factorlab.bench.limit.AchievableLimit``: the dense time outside the
+    factorized modules, the ideal ratio) and ``ratio_to_ideal`` (latency ratio / ideal ratio);
+    for a causal LM these rows are the prefill of ``seq_len`` tokens), ``decode`` (causal LMs
+    in PyTorch: seconds per new token at batch 1 after ``seq_len`` cached tokens,
+    ``factorlab.bench.decode``; else ``None``),
     ``memory_method`` and
     ``environment`` (torch version, CPU count, 1-minute load average before and after: a loaded
     machine makes timings noisy).
@@ -487,6 +490,13 @@ def bench(
                 comparison = Comparison(ours, ref)
             entry = comparison.to_dict()
             entry["macs_per_batch"] = macs.total * batch_size
+            entry["limit"] = entry["ratio_to_ideal"] = None
+            if reference is not None and runtime == "torch":
+                from factorlab.bench.limit import achievable_limit
+
+                limit = achievable_limit(model, dense, batch_size, seq_len, runs, warmup, threads)
+                entry["limit"] = limit.to_dict()
+                entry["ratio_to_ideal"] = comparison.latency_ratio / limit.ideal_ratio
             batches.append(entry)
     decode = None
     if runtime == "torch":
@@ -548,8 +558,9 @@ def _fmt_bytes(n: int | None) -> str:
 
 def format_bench(result: dict[str, Any]) -> str:
     """A plain-text table of a ``bench`` result: one row per batch size with the model's median
-    latency (ms, with p10-p90), throughput (sequences/s), peak memory, and each ratio to dense;
-    then parameter and MAC counts with their ratios."""
+    latency (ms, with p10-p90), throughput (sequences/s), peak memory, each ratio to dense, the
+    ideal ratio (``factorlab.bench.limit``) and the latency ratio over it; then parameter and
+    MAC counts with their ratios."""
     rows = [
         (
             "batch",
@@ -561,6 +572,8 @@ def format_bench(result: dict[str, Any]) -> str:
             "throughput x",
             "peak mem",
             "mem x",
+            "ideal x",
+            "vs ideal",
         )
     ]
     for b in result["batches"]:
@@ -577,6 +590,8 @@ def format_bench(result: dict[str, Any]) -> str:
                 f"{b['throughput_ratio']:.3f}",
                 _fmt_bytes(m["peak_memory_bytes"]),
                 "-" if mem is None else f"{mem:.3f}",
+                "-" if not b.get("limit") else f"{b['limit']['ideal_ratio']:.3f}",
+                "-" if not b.get("ratio_to_ideal") else f"{b['ratio_to_ideal']:.3f}",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -14,6 +14,7 @@ from factorlab.methods.config import FactorizationConfig
 from factorlab.methods.low_rank import plan_low_rank
 from factorlab.methods.registry import Method, Projected, register_method
 from factorlab.projections.activation_svd import DEFAULT_EPS, activation_svd, whitening_factor
+from factorlab.projections.svd import singular_values
 
 
 @dataclass
@@ -64,7 +65,7 @@ def spectrum_act_svd(weight: torch.Tensor, stats: object, config: ActSVDConfig) 
     """Singular values of the whitened ``W C`` (``C C^T = G + damping I``): the output error's
     spectrum, which act-svd truncates."""
     C = whitening_factor(_gram(weight, stats), config.eps)[0]
-    return low_rank_spectrum(torch.linalg.svdvals(weight.detach().double() @ C), *weight.shape)
+    return low_rank_spectrum(singular_values(weight.detach().double() @ C), *weight.shape)
 
 
 def build_act_svd(

@@ -13,6 +13,7 @@ from factorlab.layers.low_rank import LowRankLinear
 from factorlab.methods.config import FactorizationConfig
 from factorlab.methods.low_rank import plan_low_rank
 from factorlab.methods.registry import Method, Projected, register_method
+from factorlab.projections.svd import singular_values
 from factorlab.projections.weighted_svd import fisher_weights, weighted_matrix, weighted_svd
 
 FISHER_AXES = ("out", "in")
@@ -64,7 +65,7 @@ def _importance(weight: torch.Tensor, stats: object, config: FWSVDConfig) -> dic
 def spectrum_fwsvd(weight: torch.Tensor, stats: object, config: FWSVDConfig) -> Spectrum:
     """Singular values of the Fisher-weighted matrix that fwsvd truncates."""
     scaled = weighted_matrix(weight, **_importance(weight, stats, config))
-    return low_rank_spectrum(torch.linalg.svdvals(scaled), *weight.shape)
+    return low_rank_spectrum(singular_values(scaled), *weight.shape)
 
 
 def build_fwsvd(

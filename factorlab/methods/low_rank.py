@@ -10,7 +10,7 @@ from factorlab.allocation import Spectrum, low_rank_spectrum
 from factorlab.layers.low_rank import LowRankLinear
 from factorlab.methods.config import FactorizationConfig
 from factorlab.methods.registry import Method, ModuleBudget, Projected, register_method
-from factorlab.projections.svd import rank_for_param_ratio, truncated_svd
+from factorlab.projections.svd import rank_for_param_ratio, singular_values, truncated_svd
 
 
 @dataclass
@@ -45,7 +45,7 @@ def build_low_rank(
 
 def spectrum_low_rank(weight: torch.Tensor, stats: object, config: FactorizationConfig) -> Spectrum:
     """Singular values of ``W`` (float64): plain SVD's truncation error."""
-    return low_rank_spectrum(torch.linalg.svdvals(weight.detach().double()), *weight.shape)
+    return low_rank_spectrum(singular_values(weight.detach()), *weight.shape)
 
 
 LOW_RANK = register_method(

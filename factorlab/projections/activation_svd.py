@@ -24,6 +24,7 @@ import torch
 from factorlab.projections.svd import (
     LowRankFactors,
     split_singular_values,
+    top_singular,
 )
 from factorlab.projections.weighted_svd import plain_relative_error
 
@@ -108,7 +109,7 @@ def activation_svd(
     W = weight.detach().double()
     C, C_inv, decomposition, damping = whitening_factor(gram.to(W.device), eps)
     WC = W @ C
-    U, S, Vh = torch.linalg.svd(WC, full_matrices=False)
+    U, S, Vh = top_singular(WC, rank)
     A, B_white = split_singular_values(U, S, Vh, rank)
     B = B_white @ C_inv
     energy = S.square()

@@ -18,6 +18,7 @@ from factorlab.projections.svd import (
     LowRankFactors,
     relative_error_from_spectrum,
     split_singular_values,
+    top_singular,
 )
 
 WEIGHT_FLOOR = 1e-6
@@ -89,7 +90,7 @@ def weighted_svd(
     W = weight.detach().double()
     r = _normalized(row_weights, m, "row_weights")
     c = _normalized(col_weights, n, "col_weights")
-    U, S, Vh = torch.linalg.svd(_scale(W, r, c), full_matrices=False)
+    U, S, Vh = top_singular(_scale(W, r, c), rank)
     A, B = split_singular_values(U, S, Vh, rank)
     if r is not None:
         A = A / r[:, None]
