@@ -36,7 +36,7 @@ tokenizer.save_pretrained(sys.argv[1])
 PY
 fi
 # calibration text: the README, one example per line
-grep -v '^\s*$' README.md | head -n 400 > "$out/calibration.txt"
+grep -v '^\s*$' README.md > "$out/calibration.txt"
 
 /usr/bin/time -v factorlab compress --model "$out/dense" --method act-svd --param-ratio 0.5 \
   --calibration-file "$out/calibration.txt" --calibration-samples "$samples" \

@@ -55,6 +55,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "low-rank-global": ("low-rank", {"allocation": "global"}),
     "fwsvd-out-global": ("fwsvd", {"fisher_axis": "out", "allocation": "global"}),
     "act-svd-global": ("act-svd", {"allocation": "global"}),
+    "act-svd-seq": ("act-svd", {"sequential": True}),
 }
 """Table row name -> (registered method, options beyond param_ratio)."""
 
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds": 0.0,
                 }
             )
-        stats = None
+        stats, loader = None, None
         if any(VARIANTS[variant][0] in ("fwsvd", "act-svd") for _, variant in todo):
             start = time.perf_counter()
             loader = calibration_loader(
@@ -205,7 +206,15 @@ def main(argv: list[str] | None = None) -> int:
             options = _options(variant, ratio, args)
             model = load(path)
             start = time.perf_counter()
-            report = factorize_(model, make_config(VARIANTS[variant][0], **options), stats)
+            config = make_config(VARIANTS[variant][0], **options)
+            if options.get("sequential"):  # block l calibrated on the compressed blocks < l
+
+                def calibrate(names: list[str], model: Any = model, data: Any = loader) -> Any:
+                    return collect_statistics(model, data, names, fisher=False, progress=False)
+
+                report = factorize_(model, config, calibrate=calibrate)
+            else:
+                report = factorize_(model, config, stats)
             seconds = time.perf_counter() - start
             score = evaluate(model, dev, tokenizer)[task.main_metric]
             row = {

@@ -203,8 +203,8 @@ def load_model(
         model.train()
         return model
     try:
-        if num_labels is None:
-            return _saved_class(name_or_path).from_pretrained(name_or_path)
+        if num_labels is None:  # compression only: keep the saved dtype (bf16 stays bf16)
+            return _saved_class(name_or_path).from_pretrained(name_or_path, dtype="auto")
         config = AutoConfig.from_pretrained(
             name_or_path,
             num_labels=num_labels,

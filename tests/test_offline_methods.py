@@ -214,3 +214,16 @@ def test_cli_compress_with_calibration(tiny_model_dir, tiny_glue_dir, tmp_path):
     ):
         assert main(["compress", *bad, *common, "--output", str(tmp_path / "bad")]) == 2
         assert not (tmp_path / "bad").exists()
+
+
+def test_unwhiten_by_triangular_solve_equals_the_explicit_inverse():
+    from factorlab.projections.activation_svd import unwhiten
+
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(200, 24, generator=g, dtype=torch.float64)
+    C, C_inv, how, _ = whitening_factor(X.T @ X)
+    C_lazy, none, _, _ = whitening_factor(X.T @ X, inverse=False)
+    assert how == "cholesky" and none is None
+    assert_close(C_lazy, C, rtol=0, atol=0)
+    B_white = torch.randn(5, 24, generator=g, dtype=torch.float64)
+    assert_close(unwhiten(B_white, C, None), B_white @ C_inv, rtol=1e-10, atol=1e-12)

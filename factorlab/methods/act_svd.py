@@ -64,7 +64,7 @@ def _gram(weight: torch.Tensor, stats: object) -> torch.Tensor:
 def spectrum_act_svd(weight: torch.Tensor, stats: object, config: ActSVDConfig) -> Spectrum:
     """Singular values of the whitened ``W C`` (``C C^T = G + damping I``): the output error's
     spectrum, which act-svd truncates."""
-    C = whitening_factor(_gram(weight, stats), config.eps)[0]
+    C = whitening_factor(_gram(weight, stats), config.eps, inverse=False)[0]
     return low_rank_spectrum(singular_values(weight.detach().double() @ C), *weight.shape)
 
 
