@@ -5,10 +5,10 @@
 # compresses it offline (no fine-tuning) with low-rank and act-svd (calibrated on training
 # sentences) at param_ratio 0.5 and scores SST-2's dev sentences with
 # `factorlab evaluate --task perplexity` (sliding windows, seq-len 128, stride 64).
-# Usage: OMP_NUM_THREADS=1 bash benchmarks/causal_lm_perplexity.sh OUT [STEPS]
+# Usage: OMP_NUM_THREADS=1 bash benchmarks/causal_lm_perplexity.sh OUT [STEPS, default 500 of 8 x 128 tokens]
 set -euo pipefail
 out=${1:?usage: causal_lm_perplexity.sh OUT [STEPS]}
-steps=${2:-1500}
+steps=${2:-500}
 data=${GLUE_DIR:-../shared/data/glue}
 export HF_HUB_OFFLINE=1
 mkdir -p "$out"
@@ -35,7 +35,7 @@ config = LlamaConfig(
 model = LlamaForCausalLM(config)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
 schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=steps, pct_start=0.05)
-batch, length = 16, 128
+batch, length = 8, 128
 generator = torch.Generator().manual_seed(0)
 start = time.perf_counter()
 for step in range(steps):

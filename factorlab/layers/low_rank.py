@@ -54,12 +54,14 @@ class LowRankLinear(FactorizedLinear):
         bias: torch.Tensor | None = None,
         source: str = "linear",
     ) -> LowRankLinear:
-        """Build a layer holding copies of ``A`` (m x r), ``B`` (r x n) and ``bias`` (m,)."""
+        """Build a layer holding copies of ``A`` (m x r), ``B`` (r x n) and ``bias`` (m,), in
+        ``A``'s dtype and device."""
         if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[0]:
             raise ValueError(
                 f"A (m x r) and B (r x n) expected, got {tuple(A.shape)} and {tuple(B.shape)}"
             )
         layer = cls(B.shape[1], A.shape[0], A.shape[1], bias=bias is not None, source=source)
+        layer.to(device=A.device, dtype=A.dtype)  # a bf16 fit stays bf16 until it is swapped in
         with torch.no_grad():
             layer.A.copy_(A)
             layer.B.copy_(B)

@@ -223,6 +223,8 @@ def factorize_(
     sequential = config.sequential
     if calibration is not None and calibrate is not None:
         raise ConfigError("factorize_: pass calibration statistics or calibrate, not both")
+    if not method.needs_calibration:
+        calibrate = None  # nothing to collect
     streaming = (
         calibrate is not None
         and method.build_group is None
