@@ -5,11 +5,14 @@
 # the weights are random: this measures memory and time, not accuracy. Statistics stream block
 # by block (factorize_ with a calibrate function), so the peak should stay within the model plus
 # one block's statistics plus 2 GB.
-# Usage: OMP_NUM_THREADS=1 bash benchmarks/causal_lm_memory.sh OUT [SAMPLES] [SEQ_LEN]
+# Usage: OMP_NUM_THREADS=1 bash benchmarks/causal_lm_memory.sh OUT [SAMPLES] [SEQ_LEN] [--sequential]
+# (--sequential swaps each block as soon as it is projected, freeing its dense weights)
 set -euo pipefail
 out=${1:?usage: causal_lm_memory.sh OUT [SAMPLES] [SEQ_LEN]}
 samples=${2:-8}
 seq_len=${3:-64}
+mode=${4:-}
+name=act-svd${mode:+-sequential}
 export HF_HUB_OFFLINE=1
 mkdir -p "$out"
 
@@ -40,21 +43,21 @@ grep -v '^\s*$' README.md > "$out/calibration.txt"
 
 /usr/bin/time -v factorlab compress --model "$out/dense" --method act-svd --param-ratio 0.5 \
   --calibration-file "$out/calibration.txt" --calibration-samples "$samples" \
-  --max-seq-length "$seq_len" --output "$out/act-svd" --overwrite --no-progress \
-  2> >(tee "$out/compress.time" >&2)
-grep -E "Maximum resident|Elapsed" "$out/compress.time"
-du -sh "$out/dense" "$out/act-svd"
+  --max-seq-length "$seq_len" --output "$out/$name" --overwrite --no-progress $mode \
+  2> >(tee "$out/$name.time" >&2)
+grep -E "Maximum resident|Elapsed" "$out/$name.time"
+du -sh "$out/dense" "$out/$name"
 
-python - "$out" <<'PY'
+python - "$out" "$name" <<'PY'
 import sys, time
 import torch
 from transformers import AutoModelForCausalLM
 import factorlab
 
-out = sys.argv[1]
+out, name = sys.argv[1:3]
 start = time.perf_counter()
-model = factorlab.load(f"{out}/act-svd")
-print(f"factorlab.load of the act-svd checkpoint: {time.perf_counter() - start:.1f} s, "
+model = factorlab.load(f"{out}/{name}")
+print(f"factorlab.load of the {name} checkpoint: {time.perf_counter() - start:.1f} s, "
       f"dtype {next(model.parameters()).dtype}, {sum(p.numel() for p in model.parameters()):,} "
       "parameters")
 del model
