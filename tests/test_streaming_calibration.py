@@ -59,7 +59,7 @@ def test_shared_layer_runs_count_every_pass():
 def test_streaming_equals_calibrating_everything_first():
     whole, streamed = tiny_bert(), tiny_bert()
     fl.factorize_(whole, ACT_SVD, calibration=grams_of(whole))
-    report = fl.factorize_(streamed, ACT_SVD, calibrate=calibrate_for(streamed))
+    report = fl.factorize_(streamed, ACT_SVD, calibrate=calibrate_for(streamed), stream=True)
     ids = tokens()
     assert_close(streamed(input_ids=ids).logits, whole(input_ids=ids).logits, rtol=0, atol=0)
     per_block = statistics_bytes(
@@ -72,13 +72,13 @@ def test_peak_calibration_memory_does_not_grow_with_depth():
     peaks = []
     for layers in (2, 4):
         model = tiny_bert(num_layers=layers)
-        peaks.append(
-            fl.factorize_(model, ACT_SVD, calibrate=calibrate_for(model)).calibration_peak_bytes
-        )
+        report = fl.factorize_(model, ACT_SVD, calibrate=calibrate_for(model), stream=True)
+        peaks.append(report.calibration_peak_bytes)
     assert peaks[0] == peaks[1] > 0
-    model = tiny_bert(num_layers=4)
-    whole = fl.factorize_(model, ACT_SVD, calibrate=calibrate_for(model), progress=False)
-    assert whole.calibration_peak_bytes == peaks[1]
+    model = tiny_bert(num_layers=4)  # small statistics: by default they come in one pass
+    whole = fl.factorize_(model, ACT_SVD, calibrate=calibrate_for(model))
+    assert whole.calibration_peak_bytes == statistics_bytes(grams_of(tiny_bert(num_layers=4)))
+    assert whole.calibration_peak_bytes == 4 * peaks[1]
 
 
 def test_sequential_calibrates_each_block_on_the_compressed_blocks_before_it():

@@ -173,6 +173,11 @@ def plan_modules(
     return targets, budgets, plans
 
 
+STREAM_ABOVE_BYTES = 2**30
+"""``factorize_`` streams statistics block by block by default when all targets' Grams could
+take more than this many bytes (1 GiB)."""
+
+
 @torch.no_grad()
 def factorize_(
     model: nn.Module,
@@ -180,6 +185,7 @@ def factorize_(
     calibration: dict[str, Any] | None = None,
     progress: bool | None = None,
     calibrate: Callable[[list[str]], dict[str, Any]] | None = None,
+    stream: bool | None = None,
 ) -> FactorizationReport:
     """Replace the targeted linear layers of ``model`` by factorized layers, in place.
 
@@ -194,10 +200,14 @@ def factorize_(
 
     Statistics come either whole (``calibration``) or from ``calibrate``, a function of module
     names. With ``calibrate``, a method that reads only Gram statistics (act-svd, DSFormer's
-    whitened basis) under uniform allocation streams: one transformer block at a time (every
+    whitened basis) under uniform allocation can stream: one transformer block at a time (every
     stack, ``group_by_block``) is calibrated, projected and its statistics dropped, so the
-    statistics held at once are one block's (SVD-LLM's and GPTQ's block-wise pipelines). Other
-    methods (Fisher statistics, global allocation, grouped fits) calibrate all targets once.
+    statistics held at once are one block's (SVD-LLM's and GPTQ's block-wise pipelines). It
+    costs a partial pass over the calibration data per block (about half the depth in full
+    passes), so by default (``stream=None``) it streams only where the statistics of all
+    targets could exceed ``STREAM_ABOVE_BYTES`` (sum of ``in_features^2`` float64 values:
+    BERT-base and larger, not MiniLM) or with ``config.sequential``. Other methods (Fisher
+    statistics, global allocation, grouped fits) calibrate all targets once.
 
     Args:
         model: any model whose targets are ``nn.Linear`` or GPT-2 ``Conv1D``.
@@ -208,6 +218,8 @@ def factorize_(
             With ``config.sequential`` (streaming only) each block's layers are swapped as soon
             as it is projected, so block ``l`` is calibrated on the outputs of the
             already-compressed blocks ``1 .. l-1``; a failure then puts the originals back.
+        stream: with ``calibrate``: ``True`` streams where the method allows, ``False`` never,
+            ``None`` decides by size (above).
 
     Returns:
         A ``FactorizationReport`` with one ``ModuleReport`` per target;
@@ -225,12 +237,17 @@ def factorize_(
         raise ConfigError("factorize_: pass calibration statistics or calibrate, not both")
     if not method.needs_calibration:
         calibrate = None  # nothing to collect
-    streaming = (
+    can_stream = (
         calibrate is not None
         and method.build_group is None
         and config.allocation == "uniform"
         and "fisher" not in method.statistics
     )
+    if can_stream and stream is None:
+        chosen = select_targets(model, config.target_modules, config.exclude_modules)
+        whole = sum(8 * t.shape[1] ** 2 for t in chosen)  # float64 Grams, none shared
+        stream = sequential or whole > STREAM_ABOVE_BYTES
+    streaming = can_stream and bool(stream)
     if sequential and not streaming:
         raise ConfigError(
             f"sequential calibration needs block-by-block statistics: a calibrate function, "
