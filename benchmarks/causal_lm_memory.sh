@@ -3,8 +3,8 @@
 # (TinyLlama-1.1B's shape: hidden 2048, FFN 5632, 22 layers, 32 heads / 4 KV heads, vocabulary
 # 32000; bf16), and the load time of its checkpoint. No real decoder can be had offline here, so
 # the weights are random: this measures memory and time, not accuracy. Statistics stream block
-# by block (factorize_ with a calibrate function), so the peak should stay within the model plus
-# one block's statistics plus 2 GB.
+# by block (factorize_ with a calibrate function); compare the maximum resident set with "model +
+# one block's statistics (printed by the run) + 2 GB" (README, Causal LMs).
 # Usage: OMP_NUM_THREADS=1 bash benchmarks/causal_lm_memory.sh OUT [SAMPLES] [SEQ_LEN] [--sequential]
 # (--sequential swaps each block as soon as it is projected, freeing its dense weights)
 set -euo pipefail

@@ -139,11 +139,10 @@ def _decoder_modules(model: nn.Module, names: Sequence[str]) -> set[str]:
 
 def _watch_encoder_output(model: nn.Module, state: dict[str, Any]) -> Any:
     """Record the encoder's output tensor in ``state["encoder_output"]`` on every forward of an
-    encoder-decoder model; returns the hook handle (``None`` for other models)."""
+    encoder-decoder model; returns the hook handle (``None`` for a model without
+    ``get_encoder``)."""
     get_encoder = getattr(model, "get_encoder", None)
-    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not callable(
-        get_encoder
-    ):
+    if not callable(get_encoder):
         return None
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:

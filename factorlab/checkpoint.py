@@ -132,11 +132,18 @@ def model_classes() -> frozenset[str]:
     arbitrary string."""
     from transformers.models.auto import modeling_auto
 
+    return mapping_classes(k for k in dir(modeling_auto) if k.endswith("_MAPPING_NAMES"))
+
+
+def mapping_classes(mappings: Any) -> frozenset[str]:
+    """The class names of the given ``transformers.models.auto.modeling_auto`` mappings (by
+    name, e.g. ``"MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"``); a value may be one name or several."""
+    from transformers.models.auto import modeling_auto
+
     names: set[str] = set()
-    for key in dir(modeling_auto):
-        if key.endswith("_MAPPING_NAMES"):
-            for value in getattr(modeling_auto, key).values():
-                names.update([value] if isinstance(value, str) else value)
+    for mapping in mappings:
+        for value in getattr(modeling_auto, mapping).values():
+            names.update([value] if isinstance(value, str) else value)
     return frozenset(names)
 
 
@@ -273,9 +280,9 @@ def _read_in_layout(path: Path, model: nn.Module, device: torch.device) -> dict[
     the model's (empty) tensor of that name and the saved dtype.
 
     Layers choose their memory layout (``LowRankLinear`` keeps its factors transposed for faster
-    GEMMs) and safetensors hands out CPU tensors at unaligned addresses; assigning its tensors
-    as they come would change both, and kernels would then differ from the saved model in the
-    last bits. One tensor at a time, so the extra memory is one tensor.
+    GEMMs); assigning safetensors' contiguous tensors as they come would change it, and the
+    loaded model's outputs would then differ from the saved model's in the last bits. One tensor
+    at a time, so the extra memory is one tensor.
     """
     template = model.state_dict(keep_vars=True)
     aliases: dict[int, list[str]] = {}  # tied tensors: safetensors saved one name of each group

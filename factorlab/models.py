@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from factorlab.checkpoint import is_checkpoint, load, read_spec
+from factorlab.checkpoint import is_checkpoint, load, mapping_classes, read_spec
 from factorlab.errors import ConfigError, DataError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2 (embedded)"
@@ -97,26 +97,17 @@ def is_sequence_classifier(path: str) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in saved_architectures(path))
 
 
-def causal_lm_classes() -> frozenset[str]:
-    """The causal-LM model classes of the installed transformers (``GPT2LMHeadModel``,
-    ``LlamaForCausalLM``...)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    names: set[str] = set()
-    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        names.update([value] if isinstance(value, str) else value)
-    return frozenset(names)
-
-
-def is_causal_lm(path: str) -> bool:
-    """Whether the model folder holds a causal language model (a model with an LM head)."""
-    return any(a in causal_lm_classes() for a in saved_architectures(path))
+def holds_causal_lm(path: str) -> bool:
+    """Whether the model folder holds a causal language model (``GPT2LMHeadModel``,
+    ``LlamaForCausalLM``...: a class of transformers' causal-LM mapping)."""
+    causal = mapping_classes(["MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"])
+    return any(a in causal for a in saved_architectures(path))
 
 
 def check_causal_lm(name_or_path: str) -> None:
     """Raise ``ConfigError`` when a local model folder holds no causal LM (an encoder or a
     classifier); Hub ids are checked when loaded."""
-    if Path(name_or_path).exists() and not is_causal_lm(name_or_path):
+    if Path(name_or_path).exists() and not holds_causal_lm(name_or_path):
         found = saved_architectures(name_or_path) or ["no architecture in config.json"]
         raise ConfigError(
             f"{name_or_path} holds {', '.join(found)}, not a causal language model; perplexity "

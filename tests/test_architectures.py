@@ -58,7 +58,10 @@ def test_albert_shared_layer_is_factorized_once_and_used_by_every_layer():
     assert len(report.modules) == 6  # q, k, v, attention output, ffn, ffn output
     shared = model.albert.encoder.albert_layer_groups[0].albert_layers[0]
     assert type(shared.attention.query).__name__ == "LowRankLinear"
-    assert model.config.num_hidden_layers == 2  # the one layer runs twice
+    calls = []
+    shared.attention.query.register_forward_hook(lambda *a: calls.append(1))
+    family("albert").outputs(model)
+    assert len(calls) == model.config.num_hidden_layers == 2  # the one layer runs twice
 
 
 def test_staged_groups_cover_every_stack_in_order():

@@ -132,3 +132,19 @@ def test_sequential_needs_streaming_statistics():
             fl.ActSVDConfig(sequential=True, allocation="global"),
             calibrate=calibrate_for(model),
         )
+
+
+@pytest.mark.parametrize(
+    "flags", [["--method", "fwsvd"], ["--method", "act-svd", "--staged"]], ids=["fisher", "staged"]
+)
+def test_cli_refuses_sequential_where_it_cannot_apply_before_any_work(
+    flags, tiny_model_dir, tiny_glue_dir, tmp_path, capsys
+):
+    from factorlab.cli import main
+
+    out = tmp_path / "run"
+    argv = ["compress", "--model", str(tiny_model_dir), "--task", "rte", "--data-dir"]
+    argv += [str(tiny_glue_dir), *flags, "--sequential", "--output", str(out), "--no-progress"]
+    assert main(argv) == 2
+    assert "sequential" in capsys.readouterr().err
+    assert not out.exists()

@@ -103,6 +103,27 @@ class FactorizationReport:
         )
 
 
+def can_stream(method: Any, config: FactorizationConfig) -> bool:
+    """Whether ``method``'s statistics can come block by block: Gram statistics only, uniform
+    allocation, no joint fit of several modules (``build_group``)."""
+    return (
+        method.needs_calibration
+        and method.build_group is None
+        and config.allocation == "uniform"
+        and "fisher" not in method.statistics
+    )
+
+
+def _check_sequential(method: Any, config: FactorizationConfig) -> None:
+    if config.sequential and not can_stream(method, config):
+        reads = ", ".join(method.statistics) or "no statistics"
+        raise ConfigError(
+            "sequential calibration streams Gram statistics block by block under uniform "
+            f"allocation; {method.name} reads {reads} with allocation {config.allocation!r}. "
+            "Drop --sequential, or use act-svd with uniform allocation"
+        )
+
+
 def plan_modules(
     model: nn.Module,
     config: FactorizationConfig,
@@ -132,6 +153,7 @@ def plan_modules(
             ``param_ratio < 1`` (the model would keep everything while the run reported it).
     """
     method = get_method(config)
+    _check_sequential(method, config)
     targets = select_targets(model, config.target_modules, config.exclude_modules)
     on_meta = any(t.weight.is_meta for t in targets)
     if method.needs_calibration and not on_meta and not statistics_later:
@@ -218,8 +240,8 @@ def factorize_(
             With ``config.sequential`` (streaming only) each block's layers are swapped as soon
             as it is projected, so block ``l`` is calibrated on the outputs of the
             already-compressed blocks ``1 .. l-1``; a failure then puts the originals back.
-        stream: with ``calibrate``: ``True`` streams where the method allows, ``False`` never,
-            ``None`` decides by size (above).
+        stream: with ``calibrate``: ``True`` streams where the method allows, ``False`` never
+            (unless ``config.sequential``), ``None`` decides by size (above).
 
     Returns:
         A ``FactorizationReport`` with one ``ModuleReport`` per target;
@@ -227,39 +249,28 @@ def factorize_(
 
     Raises:
         ConfigError: unknown method, infeasible budget, missing calibration statistics, both
-            ``calibration`` and ``calibrate``, or ``config.sequential`` where statistics cannot
-            stream.
+            ``calibration`` and ``calibrate``, or ``config.sequential`` without ``calibrate`` or
+            where statistics cannot stream (``can_stream``).
         TargetError: see ``select_targets``.
     """
     method = get_method(config)
     sequential = config.sequential
+    _check_sequential(method, config)
     if calibration is not None and calibrate is not None:
         raise ConfigError("factorize_: pass calibration statistics or calibrate, not both")
+    if sequential and calibrate is None:
+        raise ConfigError("sequential calibration needs a calibrate function, not statistics")
     if not method.needs_calibration:
         calibrate = None  # nothing to collect
-    can_stream = (
-        calibrate is not None
-        and method.build_group is None
-        and config.allocation == "uniform"
-        and "fisher" not in method.statistics
-    )
-    if can_stream and stream is None:
-        chosen = select_targets(model, config.target_modules, config.exclude_modules)
+    chosen = select_targets(model, config.target_modules, config.exclude_modules)
+    streaming = calibrate is not None and can_stream(method, config)
+    if streaming and stream is None:
         whole = sum(8 * t.shape[1] ** 2 for t in chosen)  # float64 Grams, none shared
         stream = sequential or whole > STREAM_ABOVE_BYTES
-    streaming = can_stream and bool(stream)
-    if sequential and not streaming:
-        raise ConfigError(
-            f"sequential calibration needs block-by-block statistics: a calibrate function, "
-            f"Gram statistics only and uniform allocation; {method.name} with allocation "
-            f"{config.allocation!r} calibrates all modules at once"
-        )
+    streaming = streaming and (bool(stream) or sequential)
     peak = None
     if calibrate is not None and not streaming:
-        names = [
-            t.name for t in select_targets(model, config.target_modules, config.exclude_modules)
-        ]
-        calibration = calibrate(names)
+        calibration = calibrate([t.name for t in chosen])
         peak = statistics_bytes(calibration)
     targets, budgets, plans = plan_modules(model, config, calibration, statistics_later=streaming)
     by_name = {

@@ -95,6 +95,11 @@ class FactorizationConfig:
                 "allocation='global' spends one budget over all matrices at once, but a stage "
                 "sees only its own blocks; use allocation='uniform' or drop --staged"
             )
+        if self.sequential:
+            return (
+                "--sequential is for simultaneous factorization; a staged run already "
+                "calibrates each stage on the model compressed so far: drop one of them"
+            )
         return None
 
     def make_schedule(self) -> Any:
