@@ -539,8 +539,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from factorlab.bench.onnx_runtime import check_runtime
 
     check_runtime(args.runtime, args.int8)
-    if args.profile and args.runtime != "torch":
-        raise _usage("--profile lists PyTorch operators: use it with --runtime torch")
     model = load_for_bench(args.model)
     tokenizer = None
     if args.runtime == "onnxruntime":
@@ -563,10 +561,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_bench(result))
     if args.profile:
         print(f"\ntop operators, batch {max(batch_sizes)}:")
-        print(profile_table(model, max(batch_sizes), args.seq_len, args.threads))
+        if args.runtime == "torch":
+            print(profile_table(model, max(batch_sizes), args.seq_len, args.threads))
+        else:
+            _print_ort_profile(model, tokenizer, args, max(batch_sizes))
     if args.json:
         print(f"wrote {write_json(result, args.json)}")
     return 0
+
+
+def _print_ort_profile(model: Any, tokenizer: Any, args: argparse.Namespace, batch: int) -> None:
+    from factorlab.bench.latency import dense_reference
+    from factorlab.bench.onnx_runtime import deployed
+    from factorlab.bench.onnx_runtime import profile_table as ort_profile_table
+
+    dense = dense_reference(model)
+    with deployed([model, dense], tokenizer, args.int8, args.threads) as (ours, reference):
+        models = {"model": ours} | ({"dense": reference} if reference is not None else {})
+        print(ort_profile_table(models, batch, args.seq_len))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -739,7 +751,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first, default 3")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     _add_runtime_args(p, "timed (the model and its dense reference)")
-    p.add_argument("--profile", action="store_true", help="print the top operators too")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="print where the time goes too (PyTorch: torch.profiler's top operators; ONNX "
+        "Runtime: ms per op type, the model beside its dense reference)",
+    )
     p.add_argument("--json", help="write the full result (all timings) to this file")
     p.set_defaults(func=cmd_bench)
 
@@ -751,7 +768,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--format", choices=["onnx"], default="onnx", help="default onnx")
     p.add_argument("--output", help="the .onnx file (default MODEL/model.onnx)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset version, default 18")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=23,
+        help="ONNX opset version, default 23 (attention as one ONNX Attention op)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sweep", help="methods x param_ratios x tasks x seeds from a YAML file")

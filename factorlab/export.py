@@ -25,6 +25,11 @@ from factorlab.errors import ConfigError, ExportError
 from factorlab.io import check_output_location, fix_mode
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+OPSET = 23
+"""Default ONNX opset: from 23 the exporter writes PyTorch's scaled-dot-product attention as one
+ONNX ``Attention`` op, which ONNX Runtime runs as one kernel; at opset 18 the decomposed
+attention's masking (``Where``, ``IsNaN``) ran as separate nodes over every score (README: low-rank
+p=0.25 at 0.47x dense-ORT at batch 32, against 0.53x in the deployment table at opset 18)."""
 RTOL = ATOL = 1e-4
 """Tolerance of the check against PyTorch (float32 outputs of order 1)."""
 
@@ -65,12 +70,80 @@ def example_inputs(
     return inputs
 
 
-def _save_with_final_names(exported: Path, final: Path) -> None:
-    """Re-save the exporter's file as ``final``: one self-contained file below protobuf's 2 GB
-    limit, else the graph plus ``final.name + ".data"`` (the name it keeps after the rename)."""
+MODULES_KEY = "factorlab.modules"
+"""Metadata of a node that ``fuse_shared_input_matmuls`` made: the module paths it computes for."""
+
+
+def _scopes(node: Any) -> tuple[str, ...]:
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            return tuple(ast.literal_eval(prop.value)[:-1])  # the last one names the op
+    return ()
+
+
+def fuse_shared_input_matmuls(graph: Any) -> int:
+    """Merge, in an ONNX ``graph`` (edited in place), the MatMuls that multiply the same
+    activation by constant 2-D weights of the same input size into one MatMul on the weights
+    concatenated along their outputs, followed by a ``Split`` into the original outputs: Q, K
+    and V of dense attention, or their first low-rank factors. One GEMM of width ``sum(n_i)``
+    instead of several of width ``n_i`` (``python benchmarks/bench_fused_matmuls.py``, ONNX
+    Runtime, MiniLM, 2 threads: low-rank p=0.25 -2.5% at batch 1 and -4.7% at batch 32; dense
+    within noise, -0.2% and +1.8%). The fused MatMul records the modules it computes for under
+    ``MODULES_KEY``. Returns the number of groups merged."""
+    from onnx import helper, numpy_helper
+
+    initializers = {t.name: t for t in graph.initializer}
+    groups: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is not None and len(weight.dims) == 2:
+            groups.setdefault(node.input[0], []).append(i)
+    replacements: dict[int, list[Any]] = {}
+    for x, members in groups.items():
+        tensors = [initializers[graph.node[i].input[1]] for i in members]
+        if len(members) < 2 or len({(t.dims[0], t.data_type) for t in tensors}) != 1:
+            continue
+        weights = [numpy_helper.to_array(t) for t in tensors]
+        first = graph.node[members[0]]
+        fused = numpy_helper.from_array(np.concatenate(weights, axis=1), f"{first.name}_fused_w")
+        sizes = np.array([w.shape[1] for w in weights], dtype=np.int64)
+        split = numpy_helper.from_array(sizes, f"{first.name}_fused_split")
+        graph.initializer.extend([fused, split])
+        matmul = helper.make_node(
+            "MatMul", [x, fused.name], [f"{first.name}_fused_out"], name=f"{first.name}_fused"
+        )
+        modules = [s for i in members for s in _scopes(graph.node[i])[-1:]]
+        helper.set_metadata_props(matmul, {MODULES_KEY: repr(tuple(modules))})
+        outputs = [graph.node[i].output[0] for i in members]
+        splitter = helper.make_node(
+            "Split", [matmul.output[0], split.name], outputs, axis=-1, name=f"{first.name}_split"
+        )
+        replacements[members[0]] = [matmul, splitter]
+        replacements.update({i: [] for i in members[1:]})
+    if not replacements:
+        return 0
+    nodes = [n for i, node in enumerate(graph.node) for n in replacements.get(i, [node])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    used |= {i.name for i in graph.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return sum(1 for i in replacements if replacements[i])
+
+
+def _save_with_final_names(exported: Path, final: Path, fuse: bool) -> None:
+    """Re-save the exporter's file as ``final`` (after ``fuse_shared_input_matmuls`` if
+    ``fuse``): one self-contained file below protobuf's 2 GB limit, else the graph plus
+    ``final.name + ".data"`` (the name it keeps after the rename)."""
     import onnx
 
     proto = onnx.load(str(exported), load_external_data=True)
+    if fuse:
+        fuse_shared_input_matmuls(proto.graph)
     size = sum(t.ByteSize() for t in proto.graph.initializer)
     if size < 1_800_000_000:
         onnx.save_model(proto, str(final))
@@ -81,7 +154,11 @@ def _save_with_final_names(exported: Path, final: Path) -> None:
 
 
 def export_onnx(
-    model: nn.Module, tokenizer: Any, output: str | os.PathLike, opset: int = 18
+    model: nn.Module,
+    tokenizer: Any,
+    output: str | os.PathLike,
+    opset: int = OPSET,
+    fuse_matmuls: bool = True,
 ) -> Path:
     """Write ``model`` (dense or factorized, float32) as ONNX to ``output``, verified.
 
@@ -91,7 +168,8 @@ def export_onnx(
         tokenizer: names the inputs (``input_ids``, ``attention_mask``, ``token_type_ids``).
         output: the ``.onnx`` file (with ``output.data`` beside it for models over 2 GB);
             written in a temporary folder beside it and renamed into place once verified.
-        opset: ONNX opset version.
+        opset: ONNX opset version (default ``OPSET``).
+        fuse_matmuls: merge the MatMuls that share an input (``fuse_shared_input_matmuls``).
 
     Returns:
         The path written.
@@ -131,7 +209,7 @@ def export_onnx(
         except Exception as exc:  # the exporter's errors have no common base class
             raise ExportError(f"ONNX export of {type(model).__name__} failed: {exc}") from exc
         final = work / output.name
-        _save_with_final_names(exported, final)
+        _save_with_final_names(exported, final, fuse_matmuls)
         check = example_inputs(model, tokenizer, batch_size=3, seq_len=11, seed=1)
         session = ort.InferenceSession(str(final), providers=["CPUExecutionProvider"])
         got = session.run(None, {k: v.numpy() for k, v in check.items()})[0]

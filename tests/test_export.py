@@ -85,6 +85,11 @@ def test_bench_in_onnxruntime_times_the_model_and_its_dense_reference(
         # bytes are the ONNX files': the factorized model's is smaller than the dense one's
         assert 0 < b["model"]["param_bytes"] < b["dense"]["param_bytes"]
         assert b["model"]["peak_memory_bytes"] is None  # not measured in ONNX Runtime
+        # the achievable limit, profiled by ONNX Runtime on the exported dense reference
+        limit = b["limit"]
+        assert 0 < limit["linear_s"] < limit["dense_s"] and limit["other_s"] > 0
+        assert limit["linear_mac_ratio"] < limit["ideal_ratio"] < 1
+        assert b["ratio_to_ideal"] == pytest.approx(b["latency_ratio"] / limit["ideal_ratio"])
     assert "onnxruntime" in capsys.readouterr().out
 
 
@@ -98,10 +103,12 @@ def test_int8_quantizes_every_matmul_and_shrinks_the_file(tmp_path, tiny_model_d
     int8 = export_for_runtime(model, tokenizer, tmp_path, "m", int8=True)
     before = [n.op_type for n in onnx.load(str(fp32.path)).graph.node]
     after = [n.op_type for n in onnx.load(str(int8.path)).graph.node]
-    # every weight MatMul (6 per block) is quantized; attention's two activation MatMuls are not
+    # every weight MatMul (4 per block: Q, K and V fused, then output and feed-forward) is
+    # quantized; attention (one float op per block) is not
     layers = model.config.num_hidden_layers
-    assert after.count("MatMulInteger") == 6 * layers
-    assert after.count("MatMul") == before.count("MatMul") - 6 * layers == 2 * layers
+    assert before.count("MatMul") == after.count("MatMulInteger") == 4 * layers
+    assert after.count("MatMul") == 0
+    assert after.count("Attention") == before.count("Attention") == layers
     assert int8.file_bytes() < 0.5 * fp32.file_bytes()
     ids = torch.randint(1, model.config.vocab_size, (2, 9))
     with torch.no_grad():
@@ -129,3 +136,59 @@ def test_evaluate_in_onnxruntime_matches_pytorch(tmp_path, tiny_model_dir, tiny_
         assert main([*evaluate, *runtime]) == 0
         scores[runtime[1]] = json.loads(capsys.readouterr().out)["metrics"]
     assert scores["onnxruntime"] == scores["torch"]  # the same predictions, example by example
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_onnx_runtime_profile_finds_every_factorized_module(int8, tmp_path, tokenizer):
+    import factorlab as fl
+    from factorlab.bench.latency import dense_reference
+    from factorlab.bench.onnx_runtime import export_for_runtime, node_modules
+    from tests.tiny import tiny_bert
+
+    model = tiny_bert()
+    fl.factorize_(model, fl.LowRankConfig(param_ratio=0.25))
+    reference = export_for_runtime(dense_reference(model), tokenizer, tmp_path, "d", int8=int8)
+    modules = node_modules(reference.source)
+    profile = reference.profile(torch.randint(0, 100, (2, 8)), runs=2, warmup=1)
+    assert len(profile.call_s) == len(profile.node_s) == 2
+    nodes = profile.node_s[0]
+    assert sum(nodes.values()) <= profile.call_s[0]  # kernels run inside the call
+    by_op = profile.seconds_by_op()
+    # ONNX Runtime fuses MatMulInteger with the quantization of its input
+    int8_ops = {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger"}
+    assert bool(int8_ops & set(by_op)) is int8 and ("MatMul" in by_op) is not int8
+    seen = {m for n in nodes for m in modules.get(n) or modules.get(n.split("_quant")[0], ())}
+    assert set(fl.factorized_modules(model)) <= seen
+    assert all(s >= 0 for s in nodes.values()) and len(nodes) > 10
+
+
+def test_the_cli_exports_at_the_library_default_opset():
+    from factorlab.cli import build_parser
+    from factorlab.export import OPSET
+
+    assert build_parser().parse_args(["export", "run"]).opset == OPSET
+
+
+@pytest.mark.parametrize("factorized", [False, True])
+def test_q_k_v_sharing_an_input_export_as_one_matmul(factorized, tmp_path, tokenizer):
+    import onnx
+
+    import factorlab as fl
+    from factorlab.bench.onnx_runtime import node_modules
+    from factorlab.export import export_onnx
+    from tests.tiny import tiny_bert
+
+    model = tiny_bert()
+    if factorized:  # their first low-rank factors share the input
+        fl.factorize_(model, fl.LowRankConfig(param_ratio=0.25))
+    path = export_onnx(model, tokenizer, tmp_path / "m.onnx")  # verified against PyTorch
+    graph = onnx.load(str(path)).graph
+    fused = [n for n in graph.node if n.name.endswith("_fused")]
+    assert len(fused) == model.config.num_hidden_layers
+    modules = node_modules(path)
+    for i, node in enumerate(fused):
+        attention = f"bert.encoder.layer.{i}.attention.self"
+        assert modules[node.name] == tuple(f"{attention}.{m}" for m in ("query", "key", "value"))
+    matmuls = sum(n.op_type == "MatMul" for n in graph.node)
+    # per block 6 linears, 12 factors when factorized; three of them become one
+    assert matmuls == model.config.num_hidden_layers * (10 if factorized else 4)

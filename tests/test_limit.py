@@ -35,10 +35,10 @@ def test_time_inside_the_targets_is_what_they_take():
     model = factorized()
     dense = dense_reference(model)
     names = list(fl.factorized_modules(model))
-    for name in names:  # every target takes 2 ms more: the limit must see it inside
-        dense.get_submodule(name).register_forward_hook(lambda *a: time.sleep(0.002))
+    for name in names:  # every target takes 10 ms more: the limit must see it inside
+        dense.get_submodule(name).register_forward_hook(lambda *a: time.sleep(0.01))
     limit = achievable_limit(model, dense, batch_size=2, seq_len=8, runs=3, warmup=1)
-    assert limit.linear_s >= 0.002 * len(names)
+    assert limit.linear_s >= 0.01 * len(names)
     assert limit.other_s == pytest.approx(limit.dense_s - limit.linear_s)
     assert limit.other_s < 0.5 * limit.linear_s
     assert limit.ideal_s == pytest.approx(limit.other_s + limit.linear_s * limit.linear_mac_ratio)

@@ -455,8 +455,9 @@ def bench(
     one sequence: ``MacCount.to_dict()`` with ``total``, ``dense_total``, ``ratio``,
     ``factorized_ratio``, for the model; the dense numbers follow from it), ``batches`` (one
     ``Comparison.to_dict()`` per batch size, with ``macs_per_batch``, and for factorized models
-    in PyTorch ``limit`` (``factorlab.bench.limit.AchievableLimit``: the dense time outside the
-    factorized modules, the ideal ratio) and ``ratio_to_ideal`` (latency ratio / ideal ratio);
+    ``limit`` (``factorlab.bench.limit.AchievableLimit``, profiled in the runtime timed: the
+    dense time outside the factorized modules, the ideal ratio) and ``ratio_to_ideal`` (latency
+    ratio / ideal ratio);
     for a causal LM these rows are the prefill of ``seq_len`` tokens), ``decode`` (causal LMs
     in PyTorch: seconds per new token at batch 1 after ``seq_len`` cached tokens,
     ``factorlab.bench.decode``; else ``None``),
@@ -491,10 +492,15 @@ def bench(
             entry = comparison.to_dict()
             entry["macs_per_batch"] = macs.total * batch_size
             entry["limit"] = entry["ratio_to_ideal"] = None
-            if reference is not None and runtime == "torch":
-                from factorlab.bench.limit import achievable_limit
+            if reference is not None:
+                from factorlab.bench.limit import achievable_limit, onnx_runtime_limit
 
-                limit = achievable_limit(model, dense, batch_size, seq_len, runs, warmup, threads)
+                if runtime == "torch":
+                    limit = achievable_limit(
+                        model, dense, batch_size, seq_len, runs, warmup, threads
+                    )
+                else:
+                    limit = onnx_runtime_limit(model, reference, batch_size, seq_len, runs, warmup)
                 entry["limit"] = limit.to_dict()
                 entry["ratio_to_ideal"] = comparison.latency_ratio / limit.ideal_ratio
             batches.append(entry)

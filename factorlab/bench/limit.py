@@ -8,6 +8,11 @@ On the dense reference, forward pre/post hooks time every module that the model 
 ``other``. Then ``ideal = other + linear x MAC ratio`` (the MAC ratio of the factorized layers
 alone) and ``ideal_ratio = ideal / dense``. A factorized model whose measured ratio is near its
 ideal ratio has nothing left to gain in its layers; a large gap points at the layers' kernels.
+
+In ONNX Runtime (``onnx_runtime_limit``) the dense reference's exported file is profiled by ONNX
+Runtime itself: ``linear`` is the kernel time of the nodes the exporter recorded as running
+inside a factorized module (their MatMuls, and bias Adds that were not fused into a node
+spanning other modules), ``dense`` the time of the whole run.
 """
 
 from __future__ import annotations
@@ -16,15 +21,18 @@ import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from factorlab.bench.latency import num_threads
 from factorlab.bench.macs import random_input_ids
-from factorlab.errors import ConfigError
+from factorlab.errors import ConfigError, ExportError
 from factorlab.methods.apply import factorized_modules
+
+if TYPE_CHECKING:
+    from factorlab.bench.onnx_runtime import OrtModel
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,49 @@ def achievable_limit(
             handle.remove()
         if gc_was_enabled:
             gc.enable()
+    dense_s, linear_s = statistics.median(totals), statistics.median(linears)
+    other_s = max(dense_s - linear_s, 0.0)
+    ideal_s = other_s + linear_s * ratio
+    return AchievableLimit(dense_s, linear_s, other_s, ratio, ideal_s, ideal_s / dense_s)
+
+
+def onnx_runtime_limit(
+    model: nn.Module,
+    reference: OrtModel,
+    batch_size: int,
+    seq_len: int = 128,
+    runs: int = 20,
+    warmup: int = 3,
+) -> AchievableLimit:
+    """The achievable limit of the factorized ``model`` in ONNX Runtime, from ONNX Runtime's
+    profile of ``reference`` (its dense reference, exported by ``factorlab.export``, float32 or
+    int8): see the module docstring.
+
+    Raises:
+        ConfigError: ``model`` has no factorized layer.
+        ExportError: no profiled node of ``reference`` runs inside a factorized module (the
+            file does not record the modules its nodes came from).
+    """
+    from factorlab.bench.onnx_runtime import node_modules
+
+    ratio = linear_mac_ratio(model)
+    targets = set(factorized_modules(model))
+    modules = node_modules(reference.source)
+
+    def in_targets(node: str) -> bool:
+        # int8 renames a quantized MatMul "<name>_quant" and adds "<name>_quant_..." scale nodes
+        scopes = modules.get(node) or modules.get(node.split("_quant")[0], ())
+        return not targets.isdisjoint(scopes)
+
+    ids = random_input_ids(reference.config, batch_size, seq_len)
+    profile = reference.profile(ids, runs, warmup)
+    totals = profile.call_s
+    linears = [sum(s for n, s in nodes.items() if in_targets(n)) for nodes in profile.node_s]
+    if not any(linears):
+        raise ExportError(
+            f"ONNX Runtime's profile of {reference.source.name} names no node of the factorized "
+            "modules: export it with factorlab.export.export_onnx, which records them"
+        )
     dense_s, linear_s = statistics.median(totals), statistics.median(linears)
     other_s = max(dense_s - linear_s, 0.0)
     ideal_s = other_s + linear_s * ratio

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,31 +28,90 @@ from factorlab.errors import ConfigError, ExportError
 RUNTIMES = ("torch", "onnxruntime")
 
 
+@dataclass
+class OrtProfile:
+    """What ONNX Runtime's profiler saw: per call, ``call_s`` the seconds of the whole run and
+    ``node_s`` the kernel seconds of each node that ran, by node name (the graph after ONNX
+    Runtime's fusions: a fused node has a name of its own); ``ops`` each node's op type."""
+
+    call_s: list[float]
+    node_s: list[dict[str, float]]
+    ops: dict[str, str]
+
+    def seconds_by_op(self) -> dict[str, float]:
+        """Median seconds per call spent in each op type, largest first."""
+        by_op = [
+            {
+                op: sum(s for n, s in nodes.items() if self.ops[n] == op)
+                for op in set(self.ops.values())
+            }
+            for nodes in self.node_s
+        ]
+        medians = {op: statistics.median(call[op] for call in by_op) for op in by_op[0]}
+        return dict(sorted(medians.items(), key=lambda kv: -kv[1]))
+
+
+def profile_table(models: dict[str, OrtModel], batch_size: int, seq_len: int, runs: int = 5) -> str:
+    """Where the time goes in ONNX Runtime: median ms per call by op type, one column per model
+    (e.g. the factorized model and its dense reference), on random ``(batch_size, seq_len)``
+    token ids."""
+    from factorlab.bench.macs import random_input_ids
+
+    columns = {}
+    for name, model in models.items():
+        ids = random_input_ids(model.config, batch_size, seq_len)
+        profile = model.profile(ids, runs)
+        columns[name] = profile.seconds_by_op() | {"(whole run)": statistics.median(profile.call_s)}
+    ops = list(dict.fromkeys(op for col in columns.values() for op in col))
+    rows = [["op", *(f"{name} ms" for name in columns)]]
+    rows += [[op, *(f"{1e3 * col.get(op, 0.0):.1f}" for col in columns.values())] for op in ops]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
 class OrtModel:
     """An ONNX file run by ONNX Runtime on CPU, called like a Hugging Face model.
 
     Attributes:
         path: the ``.onnx`` file.
+        source: the file as exported from PyTorch (``path`` itself, or the float32 file that
+            ``path`` quantizes); its nodes name the modules they came from.
         config: the Hugging Face config of the model it was exported from (vocabulary size for
             random inputs).
         session: the ``onnxruntime.InferenceSession`` (``intra_op_num_threads=threads``, all
-            graph optimizations, sequential execution).
+            graph optimizations, sequential execution, threads that sleep when idle).
     """
 
-    def __init__(self, path: str | os.PathLike, config: Any, threads: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        config: Any,
+        threads: int | None = None,
+        source: str | os.PathLike | None = None,
+    ):
+        self.path = Path(path)
+        self.source = Path(source) if source is not None else self.path
+        self.config = config
+        self.threads = threads
+        self.session = self._session()
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def _session(self, profile_prefix: str | None = None) -> Any:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        self.path = Path(path)
-        self.config = config
-        self.threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        # the bench interleaves two sessions on the same cores: an idle pool that spins takes
+        # them from the timed one (most visible at batch 1, where runs are short)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+        if profile_prefix is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
+        return ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
 
     def feeds(self, input_ids: torch.Tensor, **inputs: torch.Tensor) -> dict[str, np.ndarray]:
         """The session's inputs for ``input_ids`` ``(batch, seq)`` and the other tokenizer
@@ -67,10 +127,61 @@ class OrtModel:
         """The graph's first output (logits, or the last hidden state) as a numpy array."""
         return self.session.run(None, self.feeds(input_ids, **inputs))[0]
 
+    def profile(self, input_ids: torch.Tensor, runs: int, warmup: int = 2) -> OrtProfile:
+        """ONNX Runtime's profile of ``runs`` calls on ``input_ids`` ``(batch, seq)`` (after
+        ``warmup``), in a session of its own (see ``OrtProfile``)."""
+        import json
+
+        feeds = self.feeds(input_ids)
+        with tempfile.TemporaryDirectory(prefix="factorlab-ort-profile-") as folder:
+            session = self._session(profile_prefix=str(Path(folder) / "profile"))
+            for _ in range(warmup + runs):
+                session.run(None, feeds)
+            with open(session.end_profiling()) as f:
+                events = json.load(f)
+        calls = sorted(
+            (e["ts"], e["ts"] + e["dur"])
+            for e in events
+            if e.get("cat") == "Session" and e.get("name") == "model_run"
+        )[warmup:]
+        nodes: list[dict[str, float]] = [{} for _ in calls]
+        ops: dict[str, str] = {}
+        suffix = "_kernel_time"
+        for e in events:
+            if e.get("cat") != "Node" or not e.get("name", "").endswith(suffix):
+                continue
+            name = e["name"][: -len(suffix)]
+            ops[name] = e["args"]["op_name"]
+            for i, (start, end) in enumerate(calls):
+                if start <= e["ts"] <= end:
+                    nodes[i][name] = nodes[i].get(name, 0.0) + e["dur"] * 1e-6
+                    break
+        return OrtProfile([(end - start) * 1e-6 for start, end in calls], nodes, ops)
+
     def file_bytes(self) -> int:
         """Bytes on disk of the model (the ``.onnx`` file and its external data, if any)."""
         data = self.path.with_name(self.path.name + ".data")
         return self.path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def node_modules(path: str | os.PathLike) -> dict[str, tuple[str, ...]]:
+    """For each node of an ONNX file exported by ``factorlab.export``, the module paths it runs
+    in, outermost first, as the exporter recorded them (``pkg.torch.onnx.name_scopes``; paths
+    relative to the exported model, e.g. ``bert.encoder.layer.0.attention.self.query``); for a
+    MatMul that ``fuse_shared_input_matmuls`` merged, the modules it computes for."""
+    import ast
+
+    import onnx
+
+    from factorlab.export import MODULES_KEY, _scopes
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    modules = {}
+    for node in graph.node:
+        fused = [p.value for p in node.metadata_props if p.key == MODULES_KEY]
+        scopes = ast.literal_eval(fused[0]) if fused else _scopes(node)
+        modules[node.name] = tuple(s.removeprefix("model.") for s in scopes if s)
+    return modules
 
 
 def predict_onnx(
@@ -88,9 +199,15 @@ def predict_onnx(
     return np.concatenate(outputs)
 
 
+INT8_OPS = ("MatMul", "Gather")
+"""The ops int8 quantizes: MatMuls with a constant weight (every linear and factor) and the
+embedding lookups. Not ``Attention``: the quantizer would rewrite the ONNX ``Attention`` op as
+the contrib ``QAttention``, which takes other inputs and fails to load."""
+
+
 def quantize_int8(source: str | os.PathLike, output: str | os.PathLike) -> Path:
     """Dynamic int8 quantization of an ONNX model (``quantize_dynamic``, QInt8 weights, per
-    tensor) written to ``output``.
+    tensor, the ops of ``INT8_OPS``) written to ``output``.
 
     Raises:
         ExportError: the quantizer failed.
@@ -98,7 +215,12 @@ def quantize_int8(source: str | os.PathLike, output: str | os.PathLike) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     try:
-        quantize_dynamic(str(source), str(output), weight_type=QuantType.QInt8)
+        quantize_dynamic(
+            str(source),
+            str(output),
+            op_types_to_quantize=list(INT8_OPS),
+            weight_type=QuantType.QInt8,
+        )
     except Exception as exc:  # the quantizer's errors have no common base class
         raise ExportError(f"int8 quantization of {source} failed: {exc}") from exc
     return Path(output)
@@ -121,10 +243,10 @@ def export_for_runtime(
     from factorlab.export import export_onnx
 
     folder = Path(folder)
-    path = export_onnx(model, tokenizer, folder / f"{name}.onnx")
+    source = path = export_onnx(model, tokenizer, folder / f"{name}.onnx")
     if int8:
         path = quantize_int8(path, folder / f"{name}.int8.onnx")
-    return OrtModel(path, model.config, threads)
+    return OrtModel(path, model.config, threads, source=source)
 
 
 @contextlib.contextmanager
