@@ -516,13 +516,7 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from factorlab.bench.latency import (
-        bench,
-        format_bench,
-        load_for_bench,
-        profile_table,
-        write_json,
-    )
+    from factorlab.bench.latency import bench, format_bench, load_for_bench, write_json
     from factorlab.models import max_tokens, resolve_model
 
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
@@ -557,28 +551,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         int8=args.int8,
         tokenizer=tokenizer,
+        profile=args.profile,
     )
     print(format_bench(result))
     if args.profile:
         print(f"\ntop operators, batch {max(batch_sizes)}:")
-        if args.runtime == "torch":
-            print(profile_table(model, max(batch_sizes), args.seq_len, args.threads))
-        else:
-            _print_ort_profile(model, tokenizer, args, max(batch_sizes))
+        print(result["profile"])
     if args.json:
         print(f"wrote {write_json(result, args.json)}")
     return 0
-
-
-def _print_ort_profile(model: Any, tokenizer: Any, args: argparse.Namespace, batch: int) -> None:
-    from factorlab.bench.latency import dense_reference
-    from factorlab.bench.onnx_runtime import deployed
-    from factorlab.bench.onnx_runtime import profile_table as ort_profile_table
-
-    dense = dense_reference(model)
-    with deployed([model, dense], tokenizer, args.int8, args.threads) as (ours, reference):
-        models = {"model": ours} | ({"dense": reference} if reference is not None else {})
-        print(ort_profile_table(models, batch, args.seq_len))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

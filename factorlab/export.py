@@ -74,7 +74,9 @@ MODULES_KEY = "factorlab.modules"
 """Metadata of a node that ``fuse_shared_input_matmuls`` made: the module paths it computes for."""
 
 
-def _scopes(node: Any) -> tuple[str, ...]:
+def name_scopes(node: Any) -> tuple[str, ...]:
+    """The module paths an ONNX ``node`` runs in, outermost first, as the PyTorch exporter
+    recorded them (``pkg.torch.onnx.name_scopes``); empty if it did not."""
     import ast
 
     for prop in node.metadata_props:
@@ -114,7 +116,7 @@ def fuse_shared_input_matmuls(graph: Any) -> int:
         matmul = helper.make_node(
             "MatMul", [x, fused.name], [f"{first.name}_fused_out"], name=f"{first.name}_fused"
         )
-        modules = [s for i in members for s in _scopes(graph.node[i])[-1:]]
+        modules = [s for i in members for s in name_scopes(graph.node[i])[-1:]]
         helper.set_metadata_props(matmul, {MODULES_KEY: repr(tuple(modules))})
         outputs = [graph.node[i].output[0] for i in members]
         splitter = helper.make_node(

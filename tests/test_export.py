@@ -75,9 +75,13 @@ def test_bench_in_onnxruntime_times_the_model_and_its_dense_reference(
     assert main([*argv, "--output", str(run)]) == 0
     out = tmp_path / "bench.json"
     argv = ["bench", str(run), "--runtime", "onnxruntime", "--batch-sizes", "1,2"]
-    argv += ["--seq-len", "16", "--threads", "1", "--runs", "5", "--json", str(out)]
+    argv += ["--seq-len", "16", "--threads", "1", "--runs", "5", "--json", str(out), "--profile"]
     assert main([*argv, *(["--int8"] if int8 else [])]) == 0
     result = json.loads(out.read_text())
+    # where the time goes, by op type, for the model beside its dense reference
+    header, *ops = result["profile"].splitlines()
+    assert header.split() == ["op", "model", "ms", "dense", "ms"]
+    assert ops[-1].split()[:2] == ["(whole", "run)"] and len(ops) > 3
     assert result["runtime"] == "onnxruntime" and result["int8"] is int8
     assert result["factorized"] and [b["batch_size"] for b in result["batches"]] == [1, 2]
     for b in result["batches"]:
@@ -142,7 +146,7 @@ def test_evaluate_in_onnxruntime_matches_pytorch(tmp_path, tiny_model_dir, tiny_
 def test_the_onnx_runtime_profile_finds_every_factorized_module(int8, tmp_path, tokenizer):
     import factorlab as fl
     from factorlab.bench.latency import dense_reference
-    from factorlab.bench.onnx_runtime import export_for_runtime, node_modules
+    from factorlab.bench.onnx_runtime import export_for_runtime, node_modules, scopes_of
     from tests.tiny import tiny_bert
 
     model = tiny_bert()
@@ -157,7 +161,7 @@ def test_the_onnx_runtime_profile_finds_every_factorized_module(int8, tmp_path, 
     # ONNX Runtime fuses MatMulInteger with the quantization of its input
     int8_ops = {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger"}
     assert bool(int8_ops & set(by_op)) is int8 and ("MatMul" in by_op) is not int8
-    seen = {m for n in nodes for m in modules.get(n) or modules.get(n.split("_quant")[0], ())}
+    seen = {m for n in nodes for m in scopes_of(modules, n)}
     assert set(fl.factorized_modules(model)) <= seen
     assert all(s >= 0 for s in nodes.values()) and len(nodes) > 10
 

@@ -441,6 +441,7 @@ def bench(
     runtime: str = "torch",
     int8: bool = False,
     tokenizer: Any = None,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """Everything ``factorlab bench`` reports for ``model``, against its dense reference.
 
@@ -461,7 +462,9 @@ def bench(
     for a causal LM these rows are the prefill of ``seq_len`` tokens), ``decode`` (causal LMs
     in PyTorch: seconds per new token at batch 1 after ``seq_len`` cached tokens,
     ``factorlab.bench.decode``; else ``None``),
-    ``memory_method`` and
+    ``memory_method``, ``profile`` (with ``profile``, at the largest batch size: the text of
+    ``profile_table`` in PyTorch, of ``onnx_runtime.profile_table`` for the model beside its
+    dense reference in ONNX Runtime; else ``None``) and
     ``environment`` (torch version, CPU count, 1-minute load average before and after: a loaded
     machine makes timings noisy).
 
@@ -504,6 +507,14 @@ def bench(
                 entry["limit"] = limit.to_dict()
                 entry["ratio_to_ideal"] = comparison.latency_ratio / limit.ideal_ratio
             batches.append(entry)
+        table = None
+        if profile and runtime == "torch":
+            table = profile_table(model, max(batch_sizes), seq_len, threads)
+        elif profile:
+            from factorlab.bench.onnx_runtime import profile_table as ort_profile_table
+
+            pair = {"model": timed} | ({"dense": reference} if reference is not None else {})
+            table = ort_profile_table(pair, max(batch_sizes), seq_len)
     decode = None
     if runtime == "torch":
         from factorlab.bench.decode import benchmark_decode, is_causal_lm
@@ -530,6 +541,7 @@ def bench(
         "batches": batches,
         "decode": decode,
         "memory_method": MEMORY_METHOD,
+        "profile": table,
         "environment": env,
     }
 
@@ -560,6 +572,12 @@ def _fmt_load(load: float | None) -> str:
 
 def _fmt_bytes(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Lines of a plain-text table: each column right-aligned to its widest cell."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
 
 
 def format_bench(result: dict[str, Any]) -> str:
@@ -600,8 +618,7 @@ def format_bench(result: dict[str, Any]) -> str:
                 "-" if not b.get("ratio_to_ideal") else f"{b['ratio_to_ideal']:.3f}",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines = aligned(rows)
     p, macs = result["parameters"], result["macs"]
     env = result["environment"]
     kind = "factorized" if result["factorized"] else "dense"

@@ -53,6 +53,12 @@ class AchievableLimit:
         return asdict(self)
 
 
+def _limit(dense_s: float, linear_s: float, ratio: float) -> AchievableLimit:
+    other_s = max(dense_s - linear_s, 0.0)
+    ideal_s = other_s + linear_s * ratio
+    return AchievableLimit(dense_s, linear_s, other_s, ratio, ideal_s, ideal_s / dense_s)
+
+
 def linear_mac_ratio(model: nn.Module) -> float:
     """MACs per token of ``model``'s factorized layers over those of the dense layers they
     replace.
@@ -120,10 +126,7 @@ def achievable_limit(
             handle.remove()
         if gc_was_enabled:
             gc.enable()
-    dense_s, linear_s = statistics.median(totals), statistics.median(linears)
-    other_s = max(dense_s - linear_s, 0.0)
-    ideal_s = other_s + linear_s * ratio
-    return AchievableLimit(dense_s, linear_s, other_s, ratio, ideal_s, ideal_s / dense_s)
+    return _limit(statistics.median(totals), statistics.median(linears), ratio)
 
 
 def onnx_runtime_limit(
@@ -143,27 +146,21 @@ def onnx_runtime_limit(
         ExportError: no profiled node of ``reference`` runs inside a factorized module (the
             file does not record the modules its nodes came from).
     """
-    from factorlab.bench.onnx_runtime import node_modules
+    from factorlab.bench.onnx_runtime import node_modules, scopes_of
 
     ratio = linear_mac_ratio(model)
     targets = set(factorized_modules(model))
     modules = node_modules(reference.source)
-
-    def in_targets(node: str) -> bool:
-        # int8 renames a quantized MatMul "<name>_quant" and adds "<name>_quant_..." scale nodes
-        scopes = modules.get(node) or modules.get(node.split("_quant")[0], ())
-        return not targets.isdisjoint(scopes)
-
     ids = random_input_ids(reference.config, batch_size, seq_len)
     profile = reference.profile(ids, runs, warmup)
     totals = profile.call_s
-    linears = [sum(s for n, s in nodes.items() if in_targets(n)) for nodes in profile.node_s]
+    linears = [
+        sum(s for n, s in nodes.items() if not targets.isdisjoint(scopes_of(modules, n)))
+        for nodes in profile.node_s
+    ]
     if not any(linears):
         raise ExportError(
             f"ONNX Runtime's profile of {reference.source.name} names no node of the factorized "
             "modules: export it with factorlab.export.export_onnx, which records them"
         )
-    dense_s, linear_s = statistics.median(totals), statistics.median(linears)
-    other_s = max(dense_s - linear_s, 0.0)
-    ideal_s = other_s + linear_s * ratio
-    return AchievableLimit(dense_s, linear_s, other_s, ratio, ideal_s, ideal_s / dense_s)
+    return _limit(statistics.median(totals), statistics.median(linears), ratio)

@@ -40,14 +40,13 @@ class OrtProfile:
 
     def seconds_by_op(self) -> dict[str, float]:
         """Median seconds per call spent in each op type, largest first."""
-        by_op = [
-            {
-                op: sum(s for n, s in nodes.items() if self.ops[n] == op)
-                for op in set(self.ops.values())
-            }
-            for nodes in self.node_s
-        ]
-        medians = {op: statistics.median(call[op] for call in by_op) for op in by_op[0]}
+        per_call = []
+        for nodes in self.node_s:
+            by_op = dict.fromkeys(self.ops.values(), 0.0)
+            for name, seconds in nodes.items():
+                by_op[self.ops[name]] += seconds
+            per_call.append(by_op)
+        medians = {op: statistics.median(c[op] for c in per_call) for op in set(self.ops.values())}
         return dict(sorted(medians.items(), key=lambda kv: -kv[1]))
 
 
@@ -55,6 +54,7 @@ def profile_table(models: dict[str, OrtModel], batch_size: int, seq_len: int, ru
     """Where the time goes in ONNX Runtime: median ms per call by op type, one column per model
     (e.g. the factorized model and its dense reference), on random ``(batch_size, seq_len)``
     token ids."""
+    from factorlab.bench.latency import aligned
     from factorlab.bench.macs import random_input_ids
 
     columns = {}
@@ -65,8 +65,7 @@ def profile_table(models: dict[str, OrtModel], batch_size: int, seq_len: int, ru
     ops = list(dict.fromkeys(op for col in columns.values() for op in col))
     rows = [["op", *(f"{name} ms" for name in columns)]]
     rows += [[op, *(f"{1e3 * col.get(op, 0.0):.1f}" for col in columns.values())] for op in ops]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    return "\n".join(aligned(rows))
 
 
 class OrtModel:
@@ -173,15 +172,22 @@ def node_modules(path: str | os.PathLike) -> dict[str, tuple[str, ...]]:
 
     import onnx
 
-    from factorlab.export import MODULES_KEY, _scopes
+    from factorlab.export import MODULES_KEY, name_scopes
 
     graph = onnx.load(str(path), load_external_data=False).graph
     modules = {}
     for node in graph.node:
         fused = [p.value for p in node.metadata_props if p.key == MODULES_KEY]
-        scopes = ast.literal_eval(fused[0]) if fused else _scopes(node)
+        scopes = ast.literal_eval(fused[0]) if fused else name_scopes(node)
         modules[node.name] = tuple(s.removeprefix("model.") for s in scopes if s)
     return modules
+
+
+def scopes_of(modules: dict[str, tuple[str, ...]], node: str) -> tuple[str, ...]:
+    """The module paths of a profiled ``node`` (``modules``: ``node_modules`` of the file it
+    was made from). int8 renames a quantized MatMul ``<name>_quant`` and adds
+    ``<name>_quant_...`` scale nodes: those map to ``<name>``."""
+    return modules.get(node) or modules.get(node.split("_quant")[0], ())
 
 
 def predict_onnx(
