@@ -9,6 +9,9 @@
 #   TASK-METHOD-0.5-ft-kd  factorize the dense model fine-tuned on TASK, then recover with
 #                          distillation from it (fine-tune -> compress -> recover)
 #   ...-hidden-lr2e-4      the same with hidden-state distillation and learning rate 2e-4
+#   TASK-act-svd-0.5-ft    act-svd from the fine-tuned model, recovered without distillation
+#   TASK-act-svd-0.5-ft-kd-LEVER  one lever changed on the best start: a0.9 (alpha 0.9), t1 / t4
+#                          (temperature), lr2e-4 / lr5e-5 (learning rate), hidden (hidden MSE)
 # A run whose results.json exists is kept (runs are deterministic for a seed on CPU), so an
 # interrupted script resumes; rows are ordered by priority. Usage, one job per task in parallel:
 #   OMP_NUM_THREADS=1 bash benchmarks/distill_glue.sh OUT_DIR TASK...
@@ -42,4 +45,15 @@ for task in ${tasks[@]}; do
     compress=(factorlab compress "${recipe[@]}" --method "$method" --param-ratio 0.5)
     run "$task-$method-0.5-kd-hidden" "${compress[@]}" "${teacher[@]}" --distill-hidden 1
   done
+  # one lever at a time on the best start (act-svd from the fine-tuned model, distilled from it):
+  # the distillation weight alpha, the temperature T, the learning rate, hidden-state distillation
+  ft_act=("${act[@]}" --model "$dense" "${teacher[@]}")
+  run "$task-act-svd-0.5-ft" "${act[@]}" --model "$dense"  # the same start, no distillation
+  run "$task-act-svd-0.5-ft-kd-a0.9" "${ft_act[@]}" --distill-alpha 0.9
+  run "$task-act-svd-0.5-ft-kd-lr2e-4" "${ft_act[@]}" --learning-rate 2e-4
+  run "$task-act-svd-0.5-ft-kd-hidden" "${ft_act[@]}" --distill-hidden 1
+  run "$task-act-svd-0.5-ft-kd-t1" "${ft_act[@]}" --distill-temperature 1
+  run "$task-act-svd-0.5-ft-kd-a0.9-lr2e-4" "${ft_act[@]}" --distill-alpha 0.9 --learning-rate 2e-4
+  run "$task-act-svd-0.5-ft-kd-lr5e-5" "${ft_act[@]}" --learning-rate 5e-5
+  run "$task-act-svd-0.5-ft-kd-t4" "${ft_act[@]}" --distill-temperature 4
 done

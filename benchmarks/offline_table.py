@@ -38,7 +38,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from factorlab.calibration import calibration_loader, collect_statistics
+from factorlab.calibration import (
+    CalibrationConfig,
+    calibration_loader,
+    collect_statistics,
+    probe_batches,
+)
 from factorlab.checkpoint import load
 from factorlab.io import write_json_atomic
 from factorlab.methods import count_parameters, factorize_, make_config
@@ -56,6 +61,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fwsvd-out-global": ("fwsvd", {"fisher_axis": "out", "allocation": "global"}),
     "act-svd-global": ("act-svd", {"allocation": "global"}),
     "act-svd-seq": ("act-svd", {"sequential": True}),
+    "low-rank-sens": ("low-rank", {"allocation": "sensitivity"}),
+    "fwsvd-out-sens": ("fwsvd", {"fisher_axis": "out", "allocation": "sensitivity"}),
+    "act-svd-sens": ("act-svd", {"allocation": "sensitivity"}),
+    "act-svd-sens128": ("act-svd", {"allocation": "sensitivity", "sensitivity_samples": 128}),
 }
 """Table row name -> (registered method, options beyond param_ratio)."""
 
@@ -214,7 +223,16 @@ def main(argv: list[str] | None = None) -> int:
 
                 report = factorize_(model, config, calibrate=calibrate)
             else:
-                report = factorize_(model, config, stats)
+                probe = None
+                if config.allocation == "sensitivity":  # the output on calibration examples
+                    probe = probe_batches(
+                        tokenizer,
+                        CalibrationConfig(task=task.name),
+                        args.data_dir,
+                        args.max_seq_length,
+                        config.sensitivity_samples,
+                    )
+                report = factorize_(model, config, stats, probe=probe)
             seconds = time.perf_counter() - start
             score = evaluate(model, dev, tokenizer)[task.main_metric]
             row = {

@@ -16,6 +16,9 @@ matrix's gains are non-increasing in its rank, so the greedy choice is the optim
 budget up to the last unit that does not fit (a fractional-knapsack argument); with equal costs it
 is exactly the top-k of all gains. A matrix's rank is capped so its factors stay smaller than the
 dense weight (``max_rank``) and at ``max_param_ratio`` of it.
+
+``sensitivity`` runs the same greedy on gains measured on the model's output instead of the
+matrix's own error: ``factorlab.sensitivity`` (ASVD's sensitivity-based rank search).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import torch
 
 from factorlab.errors import ConfigError
 
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "sensitivity")
+BUDGET_ALLOCATIONS = ("global", "sensitivity")
+"""Allocations that spend one budget over all targeted matrices (and so choose every rank)."""
 
 
 @dataclass(frozen=True)

@@ -463,11 +463,13 @@ def resolve_calibration(
     task: str | None,
     data_dir: str | os.PathLike | None,
     model_path: str,
+    allocation: str = "uniform",
 ) -> CalibrationConfig | None:
     """The calibration a run needs, checked before any work (``prepare_run`` calls this).
 
-    A method with ``needs_calibration`` gets ``calibration``, or, when that names no data, the
-    run's own ``task`` (its training split). A method without it must not be given calibration
+    A method with ``needs_calibration``, or any method under ``allocation="sensitivity"`` (which
+    measures the output on calibration examples), gets ``calibration``, or, when that names no
+    data, the run's own ``task`` (its training split). Other runs must not be given calibration
     data (it would be silently unused).
 
     Raises:
@@ -480,20 +482,23 @@ def resolve_calibration(
     from factorlab.methods import get_method
 
     given = calibration is not None and (calibration.task or calibration.file)
-    needs = method is not None and get_method(method).needs_calibration
+    sensitivity = method is not None and allocation == "sensitivity"
+    needs = method is not None and (get_method(method).needs_calibration or sensitivity)
     if not needs:
         if given:
             raise ConfigError(
                 f"method {method or 'dense'!r} takes no calibration data; drop "
-                "--calibration-task/--calibration-file (fwsvd and act-svd use them)"
+                "--calibration-task/--calibration-file (fwsvd and act-svd use them, and "
+                "--allocation sensitivity)"
             )
         return None
     statistics = get_method(method).statistics  # type: ignore[arg-type]
     resolved = calibration or CalibrationConfig()
     if not given:
         if task is None:
+            what = "--allocation sensitivity" if sensitivity else f"method {method!r}"
             raise ConfigError(
-                f"method {method!r} needs calibration data: pass --calibration-task (a GLUE "
+                f"{what} needs calibration data: pass --calibration-task (a GLUE "
                 "task, labelled) or --calibration-file (text, one example per line; Gram "
                 "statistics only), or --task to calibrate on the task's training split"
             )
@@ -509,6 +514,28 @@ def resolve_calibration(
             "`factorlab finetune` output)"
         )
     return resolved
+
+
+def probe_batches(
+    tokenizer: Any,
+    calibration: CalibrationConfig,
+    data_dir: str | os.PathLike | None,
+    max_seq_length: int,
+    samples: int,
+) -> list[dict[str, torch.Tensor]]:
+    """The batches sensitivity allocation measures the output on: a seeded subset of
+    ``samples`` examples of ``calibration``'s data (``calibration_loader``), labels dropped."""
+    loader = calibration_loader(
+        tokenizer,
+        task=calibration.task,
+        file=calibration.file,
+        data_dir=data_dir,
+        samples=samples,
+        max_seq_length=max_seq_length,
+        batch_size=calibration.batch_size,
+        seed=calibration.seed,
+    )
+    return [{k: v for k, v in batch.items() if k != "labels"} for batch in loader]
 
 
 def run_calibration(

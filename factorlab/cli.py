@@ -243,6 +243,8 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         options["exclude_modules"] = args.exclude_modules
     if getattr(args, "allocation", None) is not None:
         options["allocation"] = args.allocation
+    if getattr(args, "sensitivity_samples", None) is not None:
+        options["sensitivity_samples"] = args.sensitivity_samples
     if getattr(args, "sequential", False):
         options["sequential"] = True
     for flag in METHOD_FLAGS:
@@ -624,9 +626,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-modules", nargs="+", help="module names (or suffixes) to leave dense")
     p.add_argument(
         "--allocation",
-        choices=["uniform", "global"],
+        choices=["uniform", "global", "sensitivity"],
         help="uniform: every matrix keeps --param-ratio (default); global: one budget over all "
-        "matrices, ranks where the method's truncation error drops most per parameter",
+        "matrices, ranks where the method's truncation error drops most per parameter; "
+        "sensitivity: the same budget, ranks where the model's output (measured on calibration "
+        "examples) changes least",
+    )
+    p.add_argument(
+        "--sensitivity-samples",
+        type=int,
+        help="--allocation sensitivity: calibration examples the output is measured on, default 64",
     )
     p.add_argument(
         "--sequential",

@@ -19,7 +19,12 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-from factorlab.calibration import CalibrationConfig, resolve_calibration, run_calibration
+from factorlab.calibration import (
+    CalibrationConfig,
+    probe_batches,
+    resolve_calibration,
+    run_calibration,
+)
 from factorlab.checkpoint import is_checkpoint, save
 from factorlab.errors import ConfigError, DataError, OutputExistsError
 from factorlab.io import OutputLock, check_output_location
@@ -217,6 +222,7 @@ def prepare_run(config: RunConfig, overwrite: bool = False) -> PreparedRun:
         config.task,
         config.data_dir,
         model_path,
+        allocation=factorization.allocation if factorization is not None else "uniform",
     )
     check_output(config.output, config.to_dict(), overwrite)
     lock = OutputLock(config.output) if accelerator.is_main_process else None
@@ -382,7 +388,17 @@ def _execute(run: PreparedRun, progress: bool, log: Any) -> dict[str, Any]:
     if run.factorization is not None:
         what = "calibrating, then " if calibrate is not None else ""
         say(f"{run.schedule.name}: {what}factorizing with {run.factorization.method} ...")
-    outcome = run.schedule.run(model, run.factorization, job, calibrate)
+    options = {}
+    if run.factorization is not None and run.factorization.allocation == "sensitivity":
+        # only the simultaneous schedule takes it: the others refuse sensitivity allocation
+        options["probe"] = probe_batches(
+            tokenizer,
+            run.calibration,  # type: ignore[arg-type]
+            config.data_dir,
+            training.max_seq_length,
+            run.factorization.sensitivity_samples,
+        )
+    outcome = run.schedule.run(model, run.factorization, job, calibrate, **options)
     model, report = outcome.model, outcome.report
     timings.update(outcome.timings)
     targeted_after = targeted_before

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -11,12 +11,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from factorlab.allocation import allocate_global
+from factorlab.allocation import BUDGET_ALLOCATIONS, allocate_global
 from factorlab.calibration import statistics_bytes
 from factorlab.errors import ConfigError
 from factorlab.layers.base import FactorizedLinear
 from factorlab.methods.config import FactorizationConfig
 from factorlab.methods.registry import GroupMember, ModuleBudget, Projected, get_method
+from factorlab.sensitivity import sensitivity_spectra
 from factorlab.targets import budget_for, group_by_block, select_targets
 
 
@@ -129,6 +130,7 @@ def plan_modules(
     config: FactorizationConfig,
     calibration: dict[str, Any] | None = None,
     statistics_later: bool = False,
+    probe: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> tuple[list[Any], list[ModuleBudget], list[int | None]]:
     """Select the targets of ``config`` in ``model`` and plan each one's rank, touching nothing.
 
@@ -137,7 +139,9 @@ def plan_modules(
     allocation (``config.allocation``) reads every weight's spectrum in the method's objective
     (``Method.spectrum``, with the module's calibration statistics) and spends
     ``floor(param_ratio * sum m n)`` parameters with ``factorlab.allocation.allocate_global``;
-    on meta weights it checks only the targets (and returns no budgets or ranks).
+    on meta weights it checks only the targets (and returns no budgets or ranks). Sensitivity
+    allocation spends the same budget on the model's output change per matrix and rank,
+    measured on ``probe`` batches (``factorlab.sensitivity``; the model is left as it was).
 
     ``statistics_later``: the statistics come block by block after planning (uniform
     allocation only), so none are required now.
@@ -149,7 +153,8 @@ def plan_modules(
     Raises:
         TargetError: see ``select_targets``. ConfigError: missing calibration statistics for a
             data-aware method, an infeasible budget, a method without ``spectrum`` under global
-            allocation, or a plan that would factorize no module at all although
+            or sensitivity allocation, sensitivity allocation without ``probe`` batches, or a
+            plan that would factorize no module at all although
             ``param_ratio < 1`` (the model would keep everything while the run reported it).
     """
     method = get_method(config)
@@ -163,20 +168,36 @@ def plan_modules(
                 f"method {method.name!r} needs calibration statistics; none for {missing[:3]}... "
                 "Collect them with factorlab.calibration first."
             )
-    if config.allocation == "global":
+    if config.allocation in BUDGET_ALLOCATIONS:
         if method.spectrum is None:
             raise ConfigError(
-                f"method {method.name!r} has no spectrum to allocate ranks globally; use "
+                f"method {method.name!r} has no spectrum to allocate ranks to one budget; use "
                 "allocation='uniform'"
             )
         if on_meta:
             return targets, [], []
+        if config.allocation == "sensitivity" and not probe:
+            raise ConfigError(
+                "sensitivity allocation measures the model's output: pass probe batches "
+                "(a run takes them from its calibration data: --calibration-task or "
+                "--calibration-file, or --task)"
+            )
         spectra = {
             t.name: method.spectrum(
                 t.weight, calibration.get(t.name) if calibration else None, config
             )
             for t in targets
         }
+        if config.allocation == "sensitivity":
+            spectra = sensitivity_spectra(
+                model,
+                targets,
+                method,
+                config,
+                calibration,
+                probe,
+                spectra,  # type: ignore[arg-type]
+            )
         budget = math.floor(config.param_ratio * sum(s.dense_params for s in spectra.values()))
         ranks = allocate_global(
             spectra, budget, config.min_rank, config.max_param_ratio, config.allocation_normalize
@@ -208,6 +229,7 @@ def factorize_(
     progress: bool | None = None,
     calibrate: Callable[[list[str]], dict[str, Any]] | None = None,
     stream: bool | None = None,
+    probe: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> FactorizationReport:
     """Replace the targeted linear layers of ``model`` by factorized layers, in place.
 
@@ -242,6 +264,8 @@ def factorize_(
             already-compressed blocks ``1 .. l-1``; a failure then puts the originals back.
         stream: with ``calibrate``: ``True`` streams where the method allows, ``False`` never
             (unless ``config.sequential``), ``None`` decides by size (above).
+        probe: tokenized batches on which ``allocation="sensitivity"`` measures the output
+            (``factorlab.sensitivity``); unused otherwise.
 
     Returns:
         A ``FactorizationReport`` with one ``ModuleReport`` per target;
@@ -272,7 +296,9 @@ def factorize_(
     if calibrate is not None and not streaming:
         calibration = calibrate([t.name for t in chosen])
         peak = statistics_bytes(calibration)
-    targets, budgets, plans = plan_modules(model, config, calibration, statistics_later=streaming)
+    targets, budgets, plans = plan_modules(
+        model, config, calibration, statistics_later=streaming, probe=probe
+    )
     by_name = {
         t.name: (t, budget, rank) for t, budget, rank in zip(targets, budgets, plans, strict=True)
     }

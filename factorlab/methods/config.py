@@ -28,13 +28,18 @@ class FactorizationConfig:
             block methods), a ``float`` in (0, 1] is that module's ``param_ratio``.
         allocation: ``"uniform"`` (every matrix keeps ``param_ratio``) or ``"global"`` (one
             budget of ``param_ratio`` times all targeted weights, spent greedily where the
-            method's truncation error drops most per parameter: ``factorlab.allocation``).
-        min_rank: with global allocation, the smallest rank (block rank) of any matrix, >= 1.
-        max_param_ratio: with global allocation, the largest fraction of its dense parameters
-            any one matrix may keep, in (0, 1].
+            method's truncation error drops most per parameter: ``factorlab.allocation``) or
+            ``"sensitivity"`` (the same budget, spent where the model's OUTPUT changes least,
+            measured per matrix and candidate rank on probe batches: ``factorlab.sensitivity``).
+        min_rank: with global or sensitivity allocation, the smallest rank (block rank) of any
+            matrix, >= 1.
+        max_param_ratio: with global or sensitivity allocation, the largest fraction of its
+            dense parameters any one matrix may keep, in (0, 1].
         allocation_normalize: with global allocation, minimize the sum of relative squared
             errors (each matrix's spectrum divided by its energy) instead of the sum of absolute
             ones (default: the objective the method itself minimizes, summed).
+        sensitivity_samples: with sensitivity allocation, how many calibration examples the
+            output is measured on (a run takes the first ones of its calibration data), >= 1.
         sequential: data-aware methods whose statistics stream block by block (Gram only,
             uniform allocation; see ``factorize_``): calibrate block ``l`` on the outputs of
             the already-compressed blocks ``1 .. l-1`` (SVD-LLM v2, GPTQ-style pipelines).
@@ -50,17 +55,26 @@ class FactorizationConfig:
     min_rank: int = 1
     max_param_ratio: float = 1.0
     allocation_normalize: bool = False
+    sensitivity_samples: int = 64
     sequential: bool = False
 
     def __post_init__(self) -> None:
-        from factorlab.allocation import check_allocation
+        from factorlab.allocation import BUDGET_ALLOCATIONS, check_allocation
 
         check_allocation(self.allocation, self.min_rank, self.max_param_ratio)
-        if self.allocation == "global" and self.rank_pattern:
+        if self.allocation in BUDGET_ALLOCATIONS and self.rank_pattern:
             raise ConfigError(
-                "rank_pattern and allocation='global' exclude each other: the global allocator "
-                "chooses every rank; give one of them"
+                f"rank_pattern and allocation={self.allocation!r} exclude each other: the "
+                "allocator chooses every rank; give one of them"
             )
+        if self.allocation == "sensitivity" and self.allocation_normalize:
+            raise ConfigError(
+                "allocation_normalize rescales truncation-error spectra (global allocation); "
+                "sensitivity allocation measures the output itself: drop one of them"
+            )
+        samples = self.sensitivity_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ConfigError(f"sensitivity_samples must be an int >= 1, got {samples!r}")
         if isinstance(self.param_ratio, bool) or not isinstance(self.param_ratio, (int, float)):
             raise ConfigError(f"param_ratio must be a number in (0, 1], got {self.param_ratio!r}")
         if not 0.0 < self.param_ratio <= 1.0:
@@ -90,10 +104,10 @@ class FactorizationConfig:
     def staging_problem(self) -> str | None:
         """Why a staged schedule (METHODS.md §4: a few blocks projected per stage) would change
         what this config computes, or ``None`` when it can be staged."""
-        if self.allocation == "global":
+        if self.allocation != "uniform":
             return (
-                "allocation='global' spends one budget over all matrices at once, but a stage "
-                "sees only its own blocks; use allocation='uniform' or drop --staged"
+                f"allocation={self.allocation!r} spends one budget over all matrices at once, "
+                "but a stage sees only its own blocks; use allocation='uniform' or drop --staged"
             )
         if self.sequential:
             return (

@@ -91,6 +91,11 @@ class LPAFConfig(FactorizationConfig):
     mixed_rank_anneal: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.allocation == "sensitivity":
+            raise ConfigError(
+                "lpaf takes its ranks from the pruned matrices (allocation 'global' or "
+                "'uniform'); sensitivity allocation measures the dense model before pruning"
+            )
         super().__post_init__()
         if not 0 < self.prune_fraction < 1:
             raise ConfigError(

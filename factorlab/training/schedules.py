@@ -9,10 +9,11 @@ time with fine-tuning in between. Both take the same ``TrainingJob`` and return 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from accelerate import Accelerator
 from torch import nn
 
@@ -66,10 +67,12 @@ class Simultaneous:
         factorization: FactorizationConfig | None,
         job: TrainingJob | None,
         calibrate: Callable[..., dict[str, Any]] | None = None,
+        probe: Sequence[Mapping[str, torch.Tensor]] | None = None,
     ) -> ScheduleResult:
         """Calibrate (when ``calibrate`` is given), factorize every target, then fine-tune on
         ``job`` for its full step budget; ``factorization=None``: only fine-tune; ``job=None``:
-        only factorize. The model changes in place."""
+        only factorize. ``probe``: batches for sensitivity allocation (``factorize_``). The
+        model changes in place."""
         timings: dict[str, float] = {}
         report = None
         if factorization is not None:
@@ -84,7 +87,10 @@ class Simultaneous:
 
             start = time.perf_counter()
             report = factorize_(
-                model, factorization, calibrate=timed_calibrate if calibrate else None
+                model,
+                factorization,
+                calibrate=timed_calibrate if calibrate else None,
+                probe=probe,
             )
             if calibrate is not None:
                 timings["calibration"] = calibration_seconds

@@ -1,0 +1,224 @@
+"""Sensitivity allocation: ranks from how much each matrix's truncation changes the model's output.
+
+The ``global`` allocator (``factorlab.allocation``) spends the budget where a matrix's own
+truncation error drops most; errors of different matrices are in different units, so it can give
+ranks to matrices the output does not depend on. The ``sensitivity`` allocator measures instead,
+as ASVD does (Yuan et al. 2023, §3.3 "sensitivity-based truncation rank searching"), the change of
+the model's output when ONE matrix is factorized at a candidate rank, all others dense::
+
+    for each target i, for each candidate rank r in fractions x (i's largest useful rank):
+        L_i(r) = divergence(model with only i factorized at rank r, dense model)   on probe batches
+
+and then spends one budget of ``param_ratio x targeted parameters`` on the sum of the ``L_i``
+(assumed additive, as ASVD and SVD-LLM v2 do): each matrix's measured points are replaced by
+their lower convex hull, whose slopes are the loss drop per unit of rank between measured ranks,
+and these gains feed the same greedy as ``global`` allocation, which is exact for convex curves.
+No matrix goes below its smallest measured rank (nothing is known there; as in ASVD, the
+smallest candidate ratio is a floor).
+
+The divergence, on the probe batches' real (unpadded) positions (ours, label-free so that any
+calibration text works): KL(dense || compressed) of the softmax of the logits for classifiers
+and language models; the MSE of the score for a regression head (one logit, STS-B); the
+relative squared error ``||h - h_dense||^2 / ||h_dense||^2`` of the last hidden state for a
+model without a head.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from factorlab.allocation import Spectrum
+from factorlab.errors import ConfigError
+
+DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+"""Candidate ranks, as fractions of each matrix's largest useful rank (``Spectrum.max_rank``)."""
+
+Batch = Mapping[str, torch.Tensor]
+
+
+def _model_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items() if k not in ("labels", "label")}
+
+
+def _output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """The tensor the divergence compares, float32, and whether it is logits (else the last
+    hidden state of a model without a head)."""
+    out = model(**inputs)
+    logits = getattr(out, "logits", None)
+    if logits is not None:
+        return logits.float(), True
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden.float(), False
+
+
+def divergence(reference: torch.Tensor, output: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """Summed divergence of logits ``output`` from ``reference`` (module docstring).
+
+    Args:
+        reference, output: ``(batch, classes)`` logits, ``(batch, 1)`` regression scores, or
+            per-token ``(batch, seq, vocabulary)`` logits.
+        mask: ``(batch, seq)`` attention mask for per-token logits (padding is left out), or
+            ``None``.
+
+    Returns:
+        The KL divergence summed over examples (over real tokens for per-token logits), or the
+        summed squared error of a regression score.
+    """
+    if reference.dim() == 2 and reference.shape[-1] == 1:
+        return F.mse_loss(output, reference, reduction="sum").item()
+    if reference.dim() == 3:
+        keep = _keep(reference, mask)
+        reference, output = reference[keep], output[keep]  # (tokens, vocabulary)
+    return F.kl_div(
+        F.log_softmax(output, dim=-1),
+        F.log_softmax(reference, dim=-1),
+        log_target=True,
+        reduction="sum",
+    ).item()
+
+
+def _keep(reference: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(reference.shape[:2], dtype=torch.bool, device=reference.device)
+    return mask.bool()
+
+
+class OutputProbe:
+    """The dense model's outputs on probe batches, and a compressed model's divergence from them.
+
+    Args:
+        model: the model as it is before factorization (its outputs are the reference).
+        batches: tokenized batches (``input_ids``, ``attention_mask``, ...; labels are ignored),
+            e.g. the first few of a calibration loader.
+
+    Raises:
+        ConfigError: no batches.
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[Batch]):
+        if not batches:
+            raise ConfigError("sensitivity allocation needs at least one probe batch")
+        device = next(model.parameters()).device
+        self.inputs = [_model_inputs(b, device) for b in batches]
+        with torch.no_grad():
+            outputs = [_output(model, x) for x in self.inputs]
+        self.reference = [out for out, _ in outputs]
+        self.logits = outputs[0][1]
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> float:
+        """``model``'s divergence from the reference: per example (per real token for
+        per-token logits), or for hidden states the relative squared error over all tokens."""
+        total = count = 0.0
+        for x, ref in zip(self.inputs, self.reference, strict=True):
+            out, _ = _output(model, x)
+            mask = x.get("attention_mask")
+            if not self.logits:
+                keep = _keep(ref, mask)
+                total += (out[keep] - ref[keep]).square().sum().item()
+                count += ref[keep].square().sum().item()
+            else:
+                total += divergence(ref, out, mask)
+                count += int(_keep(ref, mask).sum()) if ref.dim() == 3 else ref.shape[0]
+        return total / max(count, 1e-30)
+
+
+def curve_spectrum(ranks: Sequence[int], losses: Sequence[float], base: Spectrum) -> Spectrum:
+    """Per-unit gains from a matrix's measured loss curve, for ``allocate_global``.
+
+    Args:
+        ranks: increasing candidate ranks, each in ``[1, base.max_rank]``.
+        losses: the measured divergence at each rank.
+        base: the method's spectrum of the matrix (its cost per unit of rank, ``max_rank`` and
+            dense size are kept; its gains are replaced).
+
+    Returns:
+        A ``Spectrum`` whose ``gains[j]`` (rank ``j -> j + 1``) is the slope of the lower convex
+        hull of the points ``(rank, loss)`` between the measured ranks around ``j`` (infinite
+        below the smallest measured rank, a floor; 0 above the largest), so gains are
+        non-increasing and non-negative.
+    """
+    points = sorted(zip(ranks, losses, strict=True))
+    hull: list[tuple[int, float]] = []
+    for r, loss in points:
+        while len(hull) >= 2:
+            (r1, l1), (r2, l2) = hull[-2], hull[-1]
+            # drop the middle point when it lies on or above the segment from r1 to r
+            if (l2 - l1) * (r - r1) >= (loss - l1) * (r2 - r1):
+                hull.pop()
+            else:
+                break
+        hull.append((r, loss))
+    segments = list(itertools.pairwise(hull))
+    slopes = [max((l1 - l2) / (r2 - r1), 0.0) for (r1, l1), (r2, l2) in segments]
+    gains = torch.zeros(base.max_rank, dtype=torch.float64)
+    gains[: hull[0][0]] = math.inf  # below the smallest measured rank: nothing is known
+    for ((r1, _), (r2, _)), slope in zip(segments, slopes, strict=True):
+        gains[r1:r2] = slope
+    # later segments of a convex hull are never steeper; clamp rounding noise so the greedy's
+    # optimality condition (non-increasing gains) holds exactly
+    gains = torch.cummin(gains, dim=0).values
+    return Spectrum(gains, base.cost, base.max_rank, base.dense_params)
+
+
+@torch.no_grad()
+def sensitivity_spectra(
+    model: nn.Module,
+    targets: Sequence[Any],
+    method: Any,
+    config: Any,
+    calibration: Mapping[str, Any] | None,
+    batches: Sequence[Batch],
+    base: Mapping[str, Spectrum],
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+) -> dict[str, Spectrum]:
+    """Measure every target's loss curve and turn it into allocation gains.
+
+    Each candidate layer is built with the method's own projection (``method.build``) and put
+    in place of the dense module for one evaluation of ``batches``, then the dense module is put
+    back: the model is left as it was (also when a projection or forward pass fails).
+
+    Args:
+        model: the dense model (eval mode is used for the measurement and restored after).
+        targets: ``factorlab.targets.Target`` entries, as ``select_targets`` returns them.
+        method: the registered ``Method``; config: its config.
+        calibration: per-module statistics for data-aware methods (or ``None``).
+        batches: probe batches (see ``OutputProbe``).
+        base: the method's spectrum per target name (cost per unit of rank, ``max_rank``).
+        fractions: candidate ranks as fractions of each matrix's ``max_rank``.
+
+    Returns:
+        ``{target name: Spectrum}`` with gains from the measured curve (``curve_spectrum``).
+        Cost: ``len(targets) x len(fractions)`` projections and passes over ``batches``.
+    """
+    training = model.training
+    model.eval()
+    try:
+        probe = OutputProbe(model, batches)
+        spectra = {}
+        for target in targets:
+            spectrum = base[target.name]
+            ranks = sorted(
+                {min(max(1, round(f * spectrum.max_rank)), spectrum.max_rank) for f in fractions}
+            )
+            stats = calibration.get(target.name) if calibration else None
+            losses = []
+            for rank in ranks:
+                layer = method.build(target.weight, target.module.bias, rank, config, stats).layer
+                layer = layer.to(device=target.weight.device, dtype=target.weight.dtype).eval()
+                model.set_submodule(target.name, layer)
+                try:
+                    losses.append(probe(model))
+                finally:
+                    model.set_submodule(target.name, target.module)
+            spectra[target.name] = curve_spectrum(ranks, losses, spectrum)
+        return spectra
+    finally:
+        model.train(training)
