@@ -11,7 +11,9 @@
 #   ...-hidden-lr2e-4      the same with hidden-state distillation and learning rate 2e-4
 #   TASK-act-svd-0.5-ft    act-svd from the fine-tuned model, recovered without distillation
 #   TASK-act-svd-0.5-ft-kd-LEVER  one lever changed on the best start: a0.9 (alpha 0.9), t1 / t4
-#                          (temperature), lr2e-4 / lr5e-5 (learning rate), hidden (hidden MSE)
+#                          (temperature), lr2e-4 / lr5e-5 (learning rate), hidden (hidden MSE),
+#                          a1 (distillation alone), and pairs of them
+#   TASK-act-svd-sens-...  the same with --allocation sensitivity
 # A run whose results.json exists is kept (runs are deterministic for a seed on CPU), so an
 # interrupted script resumes; rows are ordered by priority. Usage, one job per task in parallel:
 #   OMP_NUM_THREADS=1 bash benchmarks/distill_glue.sh OUT_DIR TASK...
@@ -56,4 +58,9 @@ for task in ${tasks[@]}; do
   run "$task-act-svd-0.5-ft-kd-a0.9-lr2e-4" "${ft_act[@]}" --distill-alpha 0.9 --learning-rate 2e-4
   run "$task-act-svd-0.5-ft-kd-lr5e-5" "${ft_act[@]}" --learning-rate 5e-5
   run "$task-act-svd-0.5-ft-kd-t4" "${ft_act[@]}" --distill-temperature 4
+  run "$task-act-svd-0.5-ft-kd-a0.9-lr5e-5" "${ft_act[@]}" --distill-alpha 0.9 --learning-rate 5e-5
+  run "$task-act-svd-0.5-ft-kd-a1" "${ft_act[@]}" --distill-alpha 1
+  # ranks from the allocation issue's sensitivity allocator (measured on the fine-tuned model)
+  run "$task-act-svd-sens-0.5-ft-kd-a0.9" "${ft_act[@]}" --allocation sensitivity \
+    --distill-alpha 0.9
 done

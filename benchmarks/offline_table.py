@@ -65,6 +65,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fwsvd-out-sens": ("fwsvd", {"fisher_axis": "out", "allocation": "sensitivity"}),
     "act-svd-sens": ("act-svd", {"allocation": "sensitivity"}),
     "act-svd-sens128": ("act-svd", {"allocation": "sensitivity", "sensitivity_samples": 128}),
+    "act-svd-sens256": ("act-svd", {"allocation": "sensitivity", "sensitivity_samples": 256}),
 }
 """Table row name -> (registered method, options beyond param_ratio)."""
 

@@ -39,7 +39,7 @@ class FactorizationConfig:
             errors (each matrix's spectrum divided by its energy) instead of the sum of absolute
             ones (default: the objective the method itself minimizes, summed).
         sensitivity_samples: with sensitivity allocation, how many calibration examples the
-            output is measured on (a run takes the first ones of its calibration data), >= 1.
+            output is measured on (a run draws a seeded subset of its calibration data), >= 1.
         sequential: data-aware methods whose statistics stream block by block (Gram only,
             uniform allocation; see ``factorize_``): calibrate block ``l`` on the outputs of
             the already-compressed blocks ``1 .. l-1`` (SVD-LLM v2, GPTQ-style pipelines).
