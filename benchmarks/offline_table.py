@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             stats = collect_statistics(model, loader, progress=False)
             print(f"[{task.name}] calibration: {time.perf_counter() - start:.0f}s", flush=True)
         del model
+        probes: dict[int, Any] = {}  # sensitivity probe batches by sample count, per task
         for ratio, variant in todo:
             options = _options(variant, ratio, args)
             model = load(path)
@@ -226,13 +227,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 probe = None
                 if config.allocation == "sensitivity":  # the output on calibration examples
-                    probe = probe_batches(
-                        tokenizer,
-                        CalibrationConfig(task=task.name),
-                        args.data_dir,
-                        args.max_seq_length,
-                        config.sensitivity_samples,
-                    )
+                    samples = config.sensitivity_samples
+                    if samples not in probes:
+                        calibration = CalibrationConfig(task=task.name)
+                        probes[samples] = probe_batches(
+                            tokenizer, calibration, args.data_dir, args.max_seq_length, samples
+                        )
+                    probe = probes[samples]
                 report = factorize_(model, config, stats, probe=probe)
             seconds = time.perf_counter() - start
             score = evaluate(model, dev, tokenizer)[task.main_metric]

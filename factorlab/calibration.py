@@ -524,7 +524,8 @@ def probe_batches(
     samples: int,
 ) -> list[dict[str, torch.Tensor]]:
     """The batches sensitivity allocation measures the output on: a seeded subset of
-    ``samples`` examples of ``calibration``'s data (``calibration_loader``), labels dropped."""
+    ``samples`` examples of ``calibration``'s data (``calibration_loader``; labels, where the
+    data has them, are left in and ignored by ``factorlab.sensitivity.OutputProbe``)."""
     loader = calibration_loader(
         tokenizer,
         task=calibration.task,
@@ -535,7 +536,7 @@ def probe_batches(
         batch_size=calibration.batch_size,
         seed=calibration.seed,
     )
-    return [{k: v for k, v in batch.items() if k != "labels"} for batch in loader]
+    return list(loader)
 
 
 def run_calibration(

@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,10 @@ from torch import nn
 
 from factorlab.allocation import Spectrum
 from factorlab.errors import ConfigError
+
+if TYPE_CHECKING:  # the methods package imports this module
+    from factorlab.methods.config import FactorizationConfig
+    from factorlab.methods.registry import Method
 
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 """Candidate ranks, as fractions of each matrix's largest useful rank (``Spectrum.max_rank``)."""
@@ -172,8 +176,8 @@ def curve_spectrum(ranks: Sequence[int], losses: Sequence[float], base: Spectrum
 def sensitivity_spectra(
     model: nn.Module,
     targets: Sequence[Any],
-    method: Any,
-    config: Any,
+    method: Method,
+    config: FactorizationConfig,
     calibration: Mapping[str, Any] | None,
     batches: Sequence[Batch],
     base: Mapping[str, Spectrum],
