@@ -14,6 +14,9 @@
 #                          (temperature), lr2e-4 / lr5e-5 (learning rate), hidden (hidden MSE),
 #                          a1 (distillation alone), and pairs of them
 #   TASK-act-svd-sens-...  the same with --allocation sensitivity
+#   TASK-dense-sS, TASK-act-svd-0.5-ft-kd-a0.9-sS  the best row repeated with seed S (SEEDS,
+#                          default "43 44"): its own dense model (the seed draws SST-2's subset,
+#                          so each pair shares subset, steps and batches) and its student
 # A run whose results.json exists is kept (runs are deterministic for a seed on CPU), so an
 # interrupted script resumes; rows are ordered by priority. Usage, one job per task in parallel:
 #   OMP_NUM_THREADS=1 bash benchmarks/distill_glue.sh OUT_DIR TASK...
@@ -63,4 +66,10 @@ for task in ${tasks[@]}; do
   # ranks from the allocation issue's sensitivity allocator (measured on the fine-tuned model)
   run "$task-act-svd-sens-0.5-ft-kd-a0.9" "${ft_act[@]}" --allocation sensitivity \
     --distill-alpha 0.9
+  for seed in ${SEEDS:-43 44}; do
+    seeded="$out/$task-dense-s$seed"
+    run "$task-dense-s$seed" factorlab finetune "${recipe[@]}" --seed "$seed"
+    run "$task-act-svd-0.5-ft-kd-a0.9-s$seed" "${act[@]}" --seed "$seed" --model "$seeded" \
+      --teacher "$seeded" --distill-alpha 0.9
+  done
 done
