@@ -66,6 +66,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "act-svd-sens": ("act-svd", {"allocation": "sensitivity"}),
     "act-svd-sens128": ("act-svd", {"allocation": "sensitivity", "sensitivity_samples": 128}),
     "act-svd-sens256": ("act-svd", {"allocation": "sensitivity", "sensitivity_samples": 256}),
+    "act-svd-seq-global": ("act-svd", {"allocation": "global", "sequential": True}),
+    "act-svd-seq-sens128": (
+        "act-svd",
+        {"allocation": "sensitivity", "sensitivity_samples": 128, "sequential": True},
+    ),
 }
 """Table row name -> (registered method, options beyond param_ratio)."""
 
@@ -218,22 +223,22 @@ def main(argv: list[str] | None = None) -> int:
             model = load(path)
             start = time.perf_counter()
             config = make_config(VARIANTS[variant][0], **options)
+            probe = None
+            if config.allocation == "sensitivity":  # the output on calibration examples
+                samples = config.sensitivity_samples
+                if samples not in probes:
+                    calibration = CalibrationConfig(task=task.name)
+                    probes[samples] = probe_batches(
+                        tokenizer, calibration, args.data_dir, args.max_seq_length, samples
+                    )
+                probe = probes[samples]
             if options.get("sequential"):  # block l calibrated on the compressed blocks < l
 
                 def calibrate(names: list[str], model: Any = model, data: Any = loader) -> Any:
                     return collect_statistics(model, data, names, fisher=False, progress=False)
 
-                report = factorize_(model, config, calibrate=calibrate)
+                report = factorize_(model, config, calibrate=calibrate, probe=probe)
             else:
-                probe = None
-                if config.allocation == "sensitivity":  # the output on calibration examples
-                    samples = config.sensitivity_samples
-                    if samples not in probes:
-                        calibration = CalibrationConfig(task=task.name)
-                        probes[samples] = probe_batches(
-                            tokenizer, calibration, args.data_dir, args.max_seq_length, samples
-                        )
-                    probe = probes[samples]
                 report = factorize_(model, config, stats, probe=probe)
             seconds = time.perf_counter() - start
             score = evaluate(model, dev, tokenizer)[task.main_metric]

@@ -640,8 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sequential",
         action="store_true",
-        help="act-svd (Gram statistics, uniform allocation): calibrate each block on the "
-        "outputs of the already-compressed blocks before it",
+        help="act-svd (Gram statistics): calibrate each block on the outputs of the "
+        "already-compressed blocks before it (with --allocation global or sensitivity, ranks "
+        "are planned on the dense model first)",
     )
     _add_lpaf_args(p)
     _add_dsformer_args(p)

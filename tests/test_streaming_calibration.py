@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -127,11 +129,33 @@ def test_sequential_needs_streaming_statistics():
     with pytest.raises(fl.ConfigError, match="sequential"):
         fl.factorize_(model, fl.ActSVDConfig(sequential=True), calibration=grams_of(model))
     with pytest.raises(fl.ConfigError, match="sequential"):
-        fl.factorize_(
-            model,
-            fl.ActSVDConfig(sequential=True, allocation="global"),
-            calibrate=calibrate_for(model),
-        )
+        fl.factorize_(model, fl.FWSVDConfig(sequential=True), calibrate=lambda names: {})
+    assert not fl.factorized_modules(model)
+
+
+@pytest.mark.parametrize("allocation", ["global", "sensitivity"])
+def test_sequential_under_a_budget_plans_on_the_dense_model_then_projects_block_by_block(
+    allocation,
+):
+    probe = [{"input_ids": tokens()}] if allocation == "sensitivity" else None
+    config = fl.ActSVDConfig(param_ratio=0.5, allocation=allocation)
+    plain = tiny_bert()
+    whole = fl.factorize_(plain, config, calibrate=calibrate_for(plain), probe=probe)
+    sequential = tiny_bert()
+    report = fl.factorize_(
+        sequential,
+        dataclasses.replace(config, sequential=True),
+        calibrate=calibrate_for(sequential),
+        probe=probe,
+    )
+    assert [m.rank for m in report.modules] == [m.rank for m in whole.modules]
+    assert len({m.rank for m in report.modules}) > 1  # a real global plan, not uniform ranks
+    assert report.calibration_peak_bytes == whole.calibration_peak_bytes  # dense, all targets
+    first, second = "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.output.dense"
+    # block 0 sees the dense inputs either way; block 1 sees the compressed block 0
+    for name, same in ((first, True), (second, False)):
+        a, b = plain.get_submodule(name), sequential.get_submodule(name)
+        assert torch.equal(a.to_dense(), b.to_dense()) is same
 
 
 @pytest.mark.parametrize(

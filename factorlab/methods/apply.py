@@ -107,21 +107,25 @@ class FactorizationReport:
 def can_stream(method: Any, config: FactorizationConfig) -> bool:
     """Whether ``method``'s statistics can come block by block: Gram statistics only, uniform
     allocation, no joint fit of several modules (``build_group``)."""
+    return _gram_only(method) and config.allocation == "uniform"
+
+
+def _gram_only(method: Any) -> bool:
     return (
         method.needs_calibration
         and method.build_group is None
-        and config.allocation == "uniform"
         and "fisher" not in method.statistics
     )
 
 
 def _check_sequential(method: Any, config: FactorizationConfig) -> None:
-    if config.sequential and not can_stream(method, config):
+    if config.sequential and not _gram_only(method):
         reads = ", ".join(method.statistics) or "no statistics"
         raise ConfigError(
-            "sequential calibration streams Gram statistics block by block under uniform "
-            f"allocation; {method.name} reads {reads} with allocation {config.allocation!r}. "
-            "Drop --sequential, or use act-svd with uniform allocation"
+            "sequential calibration projects each block on Gram statistics of the model "
+            f"compressed so far; {method.name} reads {reads}"
+            + (" and fits several modules jointly" if method.build_group is not None else "")
+            + ". Drop --sequential, or use act-svd"
         )
 
 
@@ -251,7 +255,10 @@ def factorize_(
     passes), so by default (``stream=None``) it streams only where the statistics of all
     targets could exceed ``STREAM_ABOVE_BYTES`` (sum of ``in_features^2`` float64 values:
     BERT-base and larger, not MiniLM) or with ``config.sequential``. Other methods (Fisher
-    statistics, global allocation, grouped fits) calibrate all targets once.
+    statistics, global allocation, grouped fits) calibrate all targets once. Global or
+    sensitivity allocation with ``config.sequential`` plans every rank on the dense model's
+    statistics of all targets (held while planning), then projects block by block on the
+    compressed model's statistics.
 
     Args:
         model: any model whose targets are ``nn.Linear`` or GPT-2 ``Conv1D``.
@@ -274,7 +281,7 @@ def factorize_(
     Raises:
         ConfigError: unknown method, infeasible budget, missing calibration statistics, both
             ``calibration`` and ``calibrate``, or ``config.sequential`` without ``calibrate`` or
-            where statistics cannot stream (``can_stream``).
+            for a method that reads more than Gram statistics or fits modules jointly.
         TargetError: see ``select_targets``.
     """
     method = get_method(config)
@@ -287,18 +294,27 @@ def factorize_(
     if not method.needs_calibration:
         calibrate = None  # nothing to collect
     chosen = select_targets(model, config.target_modules, config.exclude_modules)
-    streaming = calibrate is not None and can_stream(method, config)
+    streaming = calibrate is not None and (sequential or can_stream(method, config))
     if streaming and stream is None:
         whole = sum(8 * t.shape[1] ** 2 for t in chosen)  # float64 Grams, none shared
         stream = sequential or whole > STREAM_ABOVE_BYTES
     streaming = streaming and (bool(stream) or sequential)
+    # global and sensitivity allocation plan on the dense model's statistics of all targets;
+    # a sequential run then projects each block on statistics of the model compressed so far
+    plan_on_whole = streaming and config.allocation != "uniform"
     peak = None
-    if calibrate is not None and not streaming:
+    if calibrate is not None and (not streaming or plan_on_whole):
         calibration = calibrate([t.name for t in chosen])
         peak = statistics_bytes(calibration)
     targets, budgets, plans = plan_modules(
-        model, config, calibration, statistics_later=streaming, probe=probe
+        model,
+        config,
+        calibration,
+        statistics_later=streaming and not plan_on_whole,
+        probe=probe,
     )
+    if plan_on_whole:
+        calibration = None  # free the dense statistics before the block-by-block pass
     by_name = {
         t.name: (t, budget, rank) for t, budget, rank in zip(targets, budgets, plans, strict=True)
     }

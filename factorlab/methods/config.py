@@ -40,9 +40,10 @@ class FactorizationConfig:
             ones (default: the objective the method itself minimizes, summed).
         sensitivity_samples: with sensitivity allocation, how many calibration examples the
             output is measured on (a run draws a seeded subset of its calibration data), >= 1.
-        sequential: data-aware methods whose statistics stream block by block (Gram only,
-            uniform allocation; see ``factorize_``): calibrate block ``l`` on the outputs of
-            the already-compressed blocks ``1 .. l-1`` (SVD-LLM v2, GPTQ-style pipelines).
+        sequential: data-aware methods that read Gram statistics only (act-svd; see
+            ``factorize_``): calibrate block ``l`` on the outputs of the already-compressed
+            blocks ``1 .. l-1`` (SVD-LLM v2, GPTQ-style pipelines). Under global or sensitivity
+            allocation the ranks are planned on the dense model first.
     """
 
     method: ClassVar[str] = ""
