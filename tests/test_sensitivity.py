@@ -178,6 +178,24 @@ def test_cli_sensitivity_run(tmp_path, tiny_model_dir, tiny_glue_dir):
     assert len({m["rank"] for m in factorization["modules"]}) > 1
 
 
+def test_cli_act_svd_sensitivity_sequential_run(tmp_path, tiny_model_dir, tiny_glue_dir):
+    """act-svd plans its sensitivity ranks on the dense model, then calibrates each block on the
+    compressed blocks before it: the run records both and unequal ranks."""
+    from factorlab.cli import main
+
+    out = tmp_path / "sens-seq"
+    argv = ["compress", "--model", str(tiny_model_dir), "--task", "rte", "--method", "act-svd"]
+    argv += ["--data-dir", str(tiny_glue_dir), "--param-ratio", "0.4", "--sequential"]
+    argv += ["--allocation", "sensitivity", "--sensitivity-samples", "8", "--max-steps", "2"]
+    argv += ["--calibration-samples", "16", "--batch-size", "8", "--max-seq-length", "32"]
+    assert main([*argv, "--no-progress", "--output", str(out)]) == 0
+    factorization = json.loads((out / "results.json").read_text())["factorization"]
+    assert factorization["config"]["sequential"] is True
+    assert factorization["config"]["allocation"] == "sensitivity"
+    assert factorization["calibration_peak_bytes"] > 0
+    assert len({m["rank"] for m in factorization["modules"]}) > 1
+
+
 def test_cli_sensitivity_without_data_is_refused_before_any_work(tmp_path, tiny_model_dir, capsys):
     from factorlab.cli import main
 
