@@ -581,10 +581,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from factorlab.bench.sweep import run_sweep
+    from factorlab.bench.sweep import parse_lane, run_sweep
 
     output = args.output or str(Path("runs") / Path(args.config).stem)
-    summary = run_sweep(args.config, output, progress=args.progress)
+    lane = parse_lane(args.lane) if args.lane else None
+    summary = run_sweep(
+        args.config, output, progress=args.progress, lane=lane, methods=args.methods
+    )
     print(
         f"sweep {output}: {len(summary.executed)} runs done, {len(summary.skipped)} cached; "
         f"`factorlab report {output}` for tables and plots"
@@ -771,6 +774,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="sweep YAML (see factorlab.bench.sweep for the schema)")
     p.add_argument("--output", help="sweep folder (default runs/<config file stem>)")
     p.add_argument("--progress", action="store_true", help="show training progress bars")
+    p.add_argument(
+        "--lane",
+        metavar="I/N",
+        help="run only lane I of N (every N-th task-and-seed group): N processes, one per lane, "
+        "run the sweep in parallel",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="NAME",
+        help="run only these methods of the sweep (e.g. dense: the baselines, to check recipes)",
+    )
     p.set_defaults(func=cmd_sweep)
     return parser
 

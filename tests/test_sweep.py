@@ -7,11 +7,23 @@ import pytest
 import yaml
 
 from factorlab.bench import sweep as sweep_mod
-from factorlab.bench.report import collect_results, comparison_table, reconstruction_error_curve
-from factorlab.bench.sweep import load_sweep, parse_sweep, plan_sweep, run_sweep
+from factorlab.bench.report import (
+    collect_results,
+    comparison_table,
+    reconstruction_error_curve,
+    results_table,
+)
+from factorlab.bench.sweep import (
+    lane_runs,
+    load_sweep,
+    parse_lane,
+    parse_sweep,
+    plan_sweep,
+    run_sweep,
+)
 from factorlab.cli import main
 from factorlab.errors import ConfigError
-from factorlab.runs import execute
+from factorlab.runs import RESULTS_FILE, execute
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TRAINING = {"epochs": 1, "batch_size": 8, "max_seq_length": 32}
@@ -191,6 +203,144 @@ def test_killed_sweep_resumes_without_redoing_runs(
     assert len(collect_results(out)) == 4
 
 
+def test_recipes_start_and_distill_plan(tmp_path):
+    spec = parse_sweep(
+        {
+            "tasks": ["rte", "mrpc"],
+            "methods": [
+                {"name": "act-svd", "start": "dense", "distill": {"alpha": 0.9}},
+                "dense",  # listed after: planned first all the same
+                {"name": "low-rank", "distill": True},
+            ],
+            "param_ratios": [0.5],
+            "training": {"epochs": 3, "learning_rate": 1e-4},
+            "recipes": {"mrpc": {"epochs": 5, "learning_rate": "5e-5"}},
+        }
+    )
+    runs = plan_sweep(spec, tmp_path / "a")
+    by_task = {t: [r for r in runs if r.task == t] for t in ("rte", "mrpc")}
+    for task, (dense, act, lr) in by_task.items():
+        assert dense.method.name == "dense" and dense.after is None
+        assert act.after == dense.name and lr.after == dense.name
+        assert act.config.model == dense.config.output  # compresses the fine-tuned model
+        assert act.config.distillation.teacher == dense.config.output
+        assert act.config.distillation.alpha == 0.9
+        assert lr.config.model is None and lr.config.distillation.teacher == dense.config.output
+        assert re.fullmatch(rf"{task}-act-svd-from-dense-kd-0\.5-s42-[0-9a-f]{{8}}", act.name)
+        assert act.label == f"{task} act-svd from-dense kd alpha=0.9 0.5 seed 42"
+    assert [r.config.training.epochs for r in by_task["mrpc"]] == [5, 5, 5]
+    assert by_task["mrpc"][0].config.training.learning_rate == 5e-5
+    assert [r.config.training.epochs for r in by_task["rte"]] == [3, 3, 3]
+    # names depend on what runs compute, not on the sweep folder
+    assert [r.name for r in plan_sweep(spec, tmp_path / "b")] == [r.name for r in runs]
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"methods": [{"name": "low-rank", "start": "dense"}]}, "add dense"),
+        ({"methods": ["dense", {"name": "low-rank", "distill": {"alpha": 1}}]}, "needs a task"),
+        ({"tasks": ["rte"], "methods": [{"name": "low-rank", "start": "fine-tuned"}]}, "start"),
+        ({"tasks": ["rte"], "methods": ["dense", {"name": "low-rank", "distill": {"T": 2}}]},
+         r"distill: unknown key"),
+        ({"tasks": ["rte"], "methods": [{"name": "dense", "start": "dense"}]}, "no options"),
+        ({"tasks": ["rte"], "methods": ["dense"], "recipes": {"sst2": {"epochs": 1}}},
+         "not among the tasks"),
+        ({"tasks": ["rte"], "methods": ["dense"], "recipes": {"rte": {"epoch": 1}}},
+         r"recipes.rte: unknown key"),
+        ({"tasks": ["rte"], "methods": ["dense"], "recipes": {"rte": {"seed": 1}}}, "seeds"),
+    ],
+)  # fmt: skip
+def test_recipe_and_dependency_errors(data, match):
+    data = {"param_ratios": [0.5], **data}
+    with pytest.raises(ConfigError, match=match):
+        parse_sweep(data)
+    with pytest.raises(ConfigError, match="distill alpha"):
+        plan_sweep(
+            parse_sweep({"tasks": ["rte"], "param_ratios": [0.5], "methods": [
+                "dense", {"name": "low-rank", "distill": {"alpha": 2}}]}), "out"
+        )  # fmt: skip
+
+
+def test_runs_from_the_dense_run_wait_for_it_and_stay_cached(
+    tmp_path, tiny_model_dir, tiny_glue_dir
+):
+    path = write_sweep(
+        tmp_path,
+        tiny_model_dir,
+        tiny_glue_dir,
+        methods=["dense", {"name": "low-rank", "start": "dense", "distill": {"alpha": 0.9}}],
+        param_ratios=[0.5],
+        recipes={"rte": {"epochs": 2}},
+    )
+    out = tmp_path / "out"
+    summary = run_sweep(path, out)
+    dense_name, student_name = summary.executed
+    student = json.loads((out / student_name / RESULTS_FILE).read_text())
+    assert student["config"]["model"] == str(out / dense_name)
+    assert student["config"]["distillation"]["teacher"] == str(out / dense_name)
+    assert student["config"]["training"]["epochs"] == 2
+    assert student["train"]["distillation"]["alpha"] == 0.9
+    dense = json.loads((out / dense_name / RESULTS_FILE).read_text())
+    assert student["parameters"]["model_before"] == dense["parameters"]["model_after"]
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert [r["after"] for r in manifest["runs"]] == [None, dense_name]
+
+    # moved elsewhere, both runs are still cached
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    again = CountingExecute()
+    summary = run_sweep(path, moved, execute_fn=again)
+    assert again.calls == [] and summary.skipped == [dense_name, student_name]
+
+
+def test_lanes_split_task_and_seed_groups(tmp_path, tiny_model_dir, tiny_glue_dir):
+    spec = parse_sweep(
+        {
+            "tasks": ["rte", "mrpc"],
+            "methods": ["dense", {"name": "low-rank", "start": "dense"}, "monarch"],
+            "param_ratios": [0.5],
+            "seeds": [1, 2],
+        }
+    )
+    runs = plan_sweep(spec, tmp_path)
+    lanes = [lane_runs(runs, (i, 3)) for i in range(3)]
+    assert sorted(r.name for lane in lanes for r in lane) == sorted(r.name for r in runs)
+    for lane in lanes:  # every dependent run is in its dense run's lane
+        names = {r.name for r in lane}
+        assert all(r.after is None or r.after in names for r in lane)
+    assert [len(lane) for lane in lanes] == [6, 3, 3]  # 4 groups of 3 runs over 3 lanes
+    assert parse_lane("1/3") == (1, 3)
+    for bad in ("3/3", "-1/2", "1", "a/b"):
+        with pytest.raises(ConfigError, match="--lane must be I/N"):
+            parse_lane(bad)
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_glue_dir)
+    assert main(["sweep", str(path), "--output", str(tmp_path / "o"), "--lane", "2/2"]) == 2
+    # a lane runs its own runs only and records the whole sweep
+    fake = CountingExecute()
+    summary = run_sweep(path, tmp_path / "o", execute_fn=fake, lane=(1, 2))
+    assert fake.calls == [] and summary.executed == []  # one group (rte, 42): lane 0 has it
+    assert len(json.loads((tmp_path / "o" / "sweep.json").read_text())["runs"]) == 3
+    # only the dense baselines
+    summary = run_sweep(path, tmp_path / "o", methods=["dense"])
+    assert len(summary.executed) == 1 and summary.executed[0].startswith("rte-dense-s42-")
+    with pytest.raises(ConfigError, match="not in the sweep"):
+        run_sweep(path, tmp_path / "o", methods=["monarch"])
+    # runs go seed by seed: a sweep cut short has compared every method on the first seed
+    order = []
+
+    def record(run, progress=True, log=print):
+        order.append(run.config.output.rsplit("/", 1)[-1].rsplit("-", 1)[0])
+        run.lock.release()
+        return {}
+
+    two_seeds = write_sweep(tmp_path, tiny_model_dir, tiny_glue_dir, seeds=[1, 2])
+    run_sweep(two_seeds, tmp_path / "order", execute_fn=record)
+    assert order == [
+        f"rte-{m}-s{seed}" for seed in (1, 2) for m in ("dense", "low-rank-0.5", "low-rank-0.25")
+    ]
+
+
 def test_report_tables_and_plots(tmp_path, tiny_model_dir, tiny_glue_dir, capsys):
     path = write_sweep(
         tmp_path, tiny_model_dir, tiny_glue_dir, seeds=[1, 2], param_ratios=[0.5],
@@ -220,6 +370,35 @@ def test_report_tables_and_plots(tmp_path, tiny_model_dir, tiny_glue_dir, capsys
     assert main(["report", str(out), "--output", str(other)]) == 0
     assert (other / "report.md").is_file()
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_report_groups_seeds_and_tells_training_variants_apart():
+    def result(method, seed, lr, acc):
+        training = {"learning_rate": lr, "epochs": 3, "seed": seed}
+        return {
+            "method": method,
+            "task": "sst2",
+            "param_ratio": 1.0 if method == "dense" else 0.5,
+            "metrics": {"accuracy": acc},
+            "main_metric": "accuracy",
+            "parameters": {"targeted_after": 1, "model_after": 2, "model_before": 4},
+            "timings": {"train": 10.0},
+            "config": {"method_options": {}, "training": training},
+        }
+
+    table = results_table(
+        [
+            result("dense", 42, 1e-4, 0.86),
+            result("dense", 43, 1e-4, 0.88),
+            result("low-rank", 42, 1e-4, 0.80),
+            result("low-rank", 42, 5e-5, 0.82),
+        ]
+    )
+    rows = [line for line in table.splitlines() if line.startswith("| sst2 |")]
+    assert len(rows) == 3, table
+    assert "| dense | 1 | accuracy 87.00 ± 1.41 | 2 |" in rows[0]
+    assert "| low-rank learning_rate=0.0001 | 0.5 | accuracy 80.00 | 1 |" in table
+    assert "| low-rank learning_rate=5e-05 | 0.5 | accuracy 82.00 | 1 |" in table
 
 
 def test_reconstruction_error_curve():

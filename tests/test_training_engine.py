@@ -425,3 +425,12 @@ def test_report_labels_distilled_and_fine_tuned_starts(tmp_path, tiny_model_dir)
     config = {**config, "model": "embedded:all-MiniLM-L6-v2"}
     config["distillation"] = {**config["distillation"], "hidden_weight": 0.0}
     assert method_label({**base, "config": config}) == "low-rank kd"
+    config["distillation"] = {**config["distillation"], "alpha": 0.9, "temperature": 1.0}
+    assert method_label({**base, "config": config}) == "low-rank kd alpha=0.9 T=1"
+    # from a dense run: one label whatever the dense run's folder (its seed)
+    for seed in (42, 43):
+        folder = tmp_path / f"sst2-dense-s{seed}"
+        folder.mkdir()
+        (folder / "results.json").write_text('{"method": "dense"}')
+        start = {**base, "config": {**base["config"], "model": str(folder)}}
+        assert method_label(start) == "low-rank from dense"

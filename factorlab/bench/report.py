@@ -50,9 +50,10 @@ def _mean_std(values: list[float]) -> str:
 
 def method_label(results: dict[str, Any]) -> str:
     """The method of a run with the options that distinguish its variants: ``low-rank``,
-    ``monarch nblocks=4``, ``low-rank staged``, ``low-rank kd`` (distilled),
-    ``low-rank kd from sst2-dense`` (started from the model of another factorlab run, e.g. a
-    fine-tuned dense one, when that run folder is found from here);
+    ``monarch nblocks=4``, ``low-rank staged``, ``low-rank kd`` (distilled; ``kd alpha=0.9 T=1``
+    where alpha and T differ from 0.5 and 2), ``low-rank kd from dense`` (started from the model of
+    a dense factorlab run found from here, whatever its seed: runs over seeds, each from its own
+    dense run, share a label) or ``... from NAME`` (from another factorlab run, by folder name);
     ``param_ratio`` is shown separately."""
     config = results.get("config") or {}
     options = {k: v for k, v in (config.get("method_options") or {}).items() if k != "param_ratio"}
@@ -65,16 +66,45 @@ def method_label(results: dict[str, Any]) -> str:
         parts.append("staged")
     distillation = config.get("distillation")
     if distillation:
+        parts.append("kd")
+        alpha, temperature = distillation.get("alpha", 0.5), distillation.get("temperature", 2)
         hidden = distillation.get("hidden_weight") or 0
-        parts.append("kd" + (f" hidden={hidden:g}" if hidden else ""))
+        parts += [f"alpha={alpha:g}"] if alpha != 0.5 else []
+        parts += [f"T={temperature:g}"] if temperature != 2 else []
+        parts += [f"hidden={hidden:g}"] if hidden else []
     model = config.get("model")
-    if model and (Path(model) / "results.json").is_file():  # started from another factorlab run
-        parts.append(f"from {Path(model).name}")
+    source = Path(model) / "results.json" if model else None
+    if source is not None and source.is_file():  # started from another factorlab run
+        try:
+            dense = json.loads(source.read_text()).get("method") == "dense"
+        except (json.JSONDecodeError, AttributeError):
+            dense = False
+        parts.append("from dense" if dense else f"from {Path(model).name}")
     return " ".join(parts)
 
 
-def _group_key(r: dict[str, Any]) -> tuple[str, str, float]:
-    return (r["task"] or "-", method_label(r), r["param_ratio"])
+def _training(r: dict[str, Any]) -> dict[str, Any]:
+    training = dict((r.get("config") or {}).get("training") or {})
+    training.pop("seed", None)
+    return training
+
+
+def _group_keys(results: list[dict[str, Any]]) -> list[tuple[str, str, float]]:
+    """(task, label, param_ratio) of each run: runs that differ only in their seed share a key.
+    Where runs of the same task, method label and ratio were trained differently, the label
+    gets the training fields that tell them apart (``act-svd kd learning_rate=5e-05``)."""
+    keys = [(r["task"] or "-", method_label(r), r["param_ratio"]) for r in results]
+    training = [_training(r) for r in results]
+    same: dict[tuple[str, str, float], list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        same[key].append(i)
+    for key, members in same.items():
+        fields = sorted({f for i in members for f in training[i]})
+        differ = [f for f in fields if len({json.dumps(training[i].get(f)) for i in members}) > 1]
+        for i in members if differ else []:
+            extra = " ".join(f"{f}={training[i].get(f)}" for f in differ)
+            keys[i] = (key[0], f"{key[1]} {extra}", key[2])
+    return keys
 
 
 def _order(key: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -94,8 +124,8 @@ def results_table(
     see ``collect_benches``) a last column gives the latency ratio to dense per batch size.
     """
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
-    for r in results:
-        groups[_group_key(r)].append(r)
+    for key, r in zip(_group_keys(results), results, strict=True):
+        groups[key].append(r)
     columns = [
         "task",
         "method",
@@ -286,9 +316,9 @@ def plot_metric_vs_ratio(results: list[dict[str, Any]], path: str | os.PathLike)
     per method, the dense baseline as a horizontal line. Files ``<path>/metric_<task>.png``;
     returns the paths written (tasks without metrics are skipped)."""
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
-    for r in results:
-        if r.get("task"):
-            groups[_group_key(r)].append(r)
+    with_task = [r for r in results if r.get("task")]
+    for key, r in zip(_group_keys(with_task), with_task, strict=True):
+        groups[key].append(r)
     written = []
     for task in sorted({k[0] for k in groups}):
         fig = _new_figure()

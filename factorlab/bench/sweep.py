@@ -20,16 +20,33 @@ YAML schema (unknown keys are errors)::
       - {name: block-low-rank, grid: {nblocks: [2, 4]}}   # grid: one variant per combination
       - {name: low-rank, staged: {order: top-down}}       # staged factorization (METHODS.md §4)
       - {name: low-rank, param_ratios: [0.1]}             # this entry's own ratios
+      - {name: act-svd, start: dense, distill: {alpha: 0.9}}
+          # start: dense compresses the dense run of the same task and seed (its fine-tuned
+          # model) instead of `model`; distill: recover with distillation from that dense run
+          # (DistillationConfig fields except teacher: alpha, temperature, hidden_weight).
+          # Either needs `dense` among the methods; such a run waits for its dense run.
     param_ratios: [0.5, 0.25]        # fraction of targeted parameters kept (not used by dense)
     seeds: [42, 43, 44]              # TrainingConfig.seed of each run; default [42]
     training: {epochs: 3, batch_size: 32}   # TrainingConfig fields except seed
     train_samples: 10000             # optional; TrainingConfig.train_samples
+    recipes:                         # optional; per task, TrainingConfig fields over `training`
+      sst2: {train_samples: 20000, epochs: 1}
+      mrpc: {epochs: 5}
     bench: {batch_sizes: [1, 32], seq_len: 128, threads: 2, runs: 20}   # optional, see below
 
 With ``bench``, after the runs one checkpoint per (method variant, param_ratio) - the first task
 and seed - is benchmarked against its dense reference (``factorlab.bench.latency.bench``) and the
 result written to ``bench.json`` in its folder (skipped when one with the same settings exists);
 ``factorlab report`` shows the latency ratios.
+
+Runs go seed by seed (every task and method of the first seed, then the next), each dense run
+before the runs that need it. ``run_sweep(lane=(i, n))`` (CLI ``--lane i/n``) runs every n-th
+(task, seed) group, so n single-thread processes share a sweep; ``methods=["dense"]`` (CLI
+``--methods dense``) runs only the baselines, to check the recipes first.
+
+A run that starts from or distils from its dense run names that run's folder in its config; its
+folder hash is computed with the dense run's name in place of the folder path, so it does not
+change when the sweep folder moves.
 """
 
 from __future__ import annotations
@@ -62,8 +79,11 @@ TOP_KEYS = {
     "training",
     "train_samples",
     "bench",
+    "recipes",
 }
-METHOD_KEYS = {"name", "grid", "staged", "param_ratios"}
+METHOD_KEYS = {"name", "grid", "staged", "param_ratios", "start", "distill"}
+DISTILL_KEYS = {"alpha", "temperature", "hidden_weight"}
+STARTS = ("pretrained", DENSE)
 BENCH_KEYS = {"batch_sizes", "seq_len", "threads", "runs", "warmup"}
 
 
@@ -76,19 +96,34 @@ class MethodVariant:
         options: method options other than ``param_ratio``.
         staged: ``StagedSchedule`` fields for staged factorization, or ``None``.
         param_ratios: the ratios to run (``(1.0,)`` for dense).
+        start: ``"pretrained"`` (compress the sweep's ``model``) or ``"dense"`` (compress the
+            fine-tuned model of the dense run of the same task and seed).
+        distill: ``DistillationConfig`` fields other than ``teacher`` (the teacher is the dense
+            run of the same task and seed), or ``None``: the task loss alone.
     """
 
     name: str
     options: tuple[tuple[str, Any], ...] = ()
     staged: tuple[tuple[str, Any], ...] | None = None
     param_ratios: tuple[float, ...] = (1.0,)
+    start: str = "pretrained"
+    distill: tuple[tuple[str, Any], ...] | None = None
+
+    @property
+    def needs_dense(self) -> bool:
+        """Whether the variant's runs use the dense run of their task and seed."""
+        return self.start == DENSE or self.distill is not None
 
     @property
     def label(self) -> str:
-        """Readable name: ``monarch nblocks=4 staged``."""
+        """Readable name: ``monarch nblocks=4 staged``, ``act-svd from-dense kd alpha=0.9``."""
         parts = [self.name, *(f"{k}={_short(v)}" for k, v in self.options)]
         if self.staged is not None:
             parts.append("staged")
+        if self.start == DENSE:
+            parts.append("from-dense")
+        if self.distill is not None:
+            parts += ["kd", *(f"{k}={_short(v)}" for k, v in self.distill)]
         return " ".join(parts)
 
 
@@ -108,11 +143,13 @@ class SweepSpec:
     training: dict[str, Any] = field(default_factory=dict)
     bench: dict[str, Any] | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class SweepRun:
-    """One run of a sweep: its place in the grid and its ``RunConfig``."""
+    """One run of a sweep: its place in the grid and its ``RunConfig``; ``after`` names the dense
+    run it starts or distils from (``None``: it needs no other run)."""
 
     name: str
     task: str | None
@@ -120,6 +157,7 @@ class SweepRun:
     param_ratio: float
     seed: int
     config: RunConfig
+    after: str | None = None
 
     @property
     def label(self) -> str:
@@ -206,8 +244,21 @@ def _expand_method(entry: Any, ratios: tuple[float, ...] | None, where: str) -> 
         staged = None
     if staged is not None and not isinstance(staged, dict):
         raise _fail(where, f"method {name!r}: staged must be true or a mapping of its options")
+    start = entry.get("start", "pretrained")
+    if start not in STARTS:
+        raise _fail(where, f"method {name!r}: start must be one of {list(STARTS)}, got {start!r}")
+    distill = entry.get("distill")
+    if distill is True:
+        distill = {}
+    if distill is False:
+        distill = None
+    if distill is not None:
+        if not isinstance(distill, dict):
+            raise _fail(where, f"method {name!r}: distill must be true or a mapping of options")
+        _check_keys(distill, DISTILL_KEYS, f"{where}: method {name!r}: distill")
+        distill = {k: _number(v) for k, v in distill.items()}
     if name == DENSE:
-        if options or grid or staged is not None or "param_ratios" in entry:
+        if set(entry) - {"name"}:
             raise _fail(where, "method 'dense' (the baseline) takes no options")
         return [MethodVariant(DENSE)]
     own = _ratios(entry["param_ratios"], where) if "param_ratios" in entry else ratios
@@ -223,6 +274,8 @@ def _expand_method(entry: Any, ratios: tuple[float, ...] | None, where: str) -> 
                 tuple(sorted(opts.items())),
                 None if staged is None else tuple(sorted(staged.items())),
                 own,
+                start,
+                None if distill is None else tuple(sorted(distill.items())),
             )
         )
     return variants
@@ -258,18 +311,21 @@ def parse_sweep(data: Any, where: str = "sweep") -> SweepSpec:
     if not isinstance(methods_raw, list) or not methods_raw:
         raise _fail(where, "methods must be a non-empty list")
     methods = [v for entry in methods_raw for v in _expand_method(entry, ratios, where)]
+    needing = [m.label for m in methods if m.needs_dense]
+    if needing and all(m.name != DENSE for m in methods):
+        raise _fail(where, f"{needing[0]!r} starts or distils from the dense run: add dense")
+    if needing and None in tasks:
+        raise _fail(where, f"{needing[0]!r} needs a task: its dense run is fine-tuned on one")
+    methods.sort(key=lambda m: m.name != DENSE)  # dense runs first: others may need them
     seeds = _list_of(data.get("seeds", [42]), int, "seeds", where)
-    training = data.get("training") or {}
-    if not isinstance(training, dict):
-        raise _fail(where, f"training must be a mapping of TrainingConfig fields, got {training!r}")
-    from factorlab.training import TrainingConfig
-
-    known = {f.name for f in dataclasses.fields(TrainingConfig)} - {"seed"}
-    if "seed" in training:
-        raise _fail(where, "training.seed: give the seeds as the top-level list seeds")
-    _check_keys(training, known, f"{where}: training")
-    floats = {f.name for f in dataclasses.fields(TrainingConfig) if "float" in str(f.type)}
-    training = {k: _number(v) if k in floats else v for k, v in training.items()}
+    training = _training_fields(data.get("training"), "training", where)
+    recipes_raw = data.get("recipes") or {}
+    if not isinstance(recipes_raw, dict):
+        raise _fail(where, f"recipes must map task names to training fields, got {recipes_raw!r}")
+    unused = sorted(set(recipes_raw) - {t for t in tasks if t is not None})
+    if unused:
+        raise _fail(where, f"recipes for {unused}, which are not among the tasks {tasks}")
+    recipes = {t: _training_fields(r, f"recipes.{t}", where) for t, r in recipes_raw.items()}
     if data.get("train_samples") is not None:
         if training.get("train_samples") is not None:
             raise _fail(where, "train_samples is given twice (top level and under training)")
@@ -289,7 +345,23 @@ def parse_sweep(data: Any, where: str = "sweep") -> SweepSpec:
         training=training,
         bench=bench,
         source=data,
+        recipes=recipes,
     )
+
+
+def _training_fields(value: Any, key: str, where: str) -> dict[str, Any]:
+    """``TrainingConfig`` fields other than ``seed`` from a sweep file's mapping ``key``."""
+    from factorlab.training import TrainingConfig
+
+    value = value or {}
+    if not isinstance(value, dict):
+        raise _fail(where, f"{key} must be a mapping of TrainingConfig fields, got {value!r}")
+    if "seed" in value:
+        raise _fail(where, f"{key}.seed: give the seeds as the top-level list seeds")
+    known = {f.name for f in dataclasses.fields(TrainingConfig)} - {"seed"}
+    _check_keys(value, known, f"{where}: {key}")
+    floats = {f.name for f in dataclasses.fields(TrainingConfig) if "float" in str(f.type)}
+    return {k: _number(v) if k in floats else v for k, v in value.items()}
 
 
 def load_sweep(path: str | os.PathLike) -> SweepSpec:
@@ -323,24 +395,27 @@ def _slug(text: str) -> str:
 
 
 def plan_sweep(spec: SweepSpec, output: str | os.PathLike) -> list[SweepRun]:
-    """Every run of ``spec`` (task, method variant, ratio, seed order), with its folder under
-    ``output`` (``<task>-<method>[-<options>][-staged]-<ratio>-s<seed>-<hash8>``).
+    """Every run of ``spec`` (task, method variant, ratio, seed order; dense first), with its
+    folder under ``output`` (``<task>-<method>[-<options>][-staged][-from-dense][-kd]-<ratio>-
+    s<seed>-<hash8>``). Each task trains with ``training`` updated by its ``recipes`` entry.
 
     Raises:
-        ConfigError: bad training values (``TrainingConfig``), or two identical runs.
+        ConfigError: bad training or distillation values, or two identical runs.
     """
-    from factorlab.training import StagedSchedule, TrainingConfig
+    from factorlab.training import DistillationConfig, StagedSchedule, TrainingConfig
 
     output = Path(output)
     runs: list[SweepRun] = []
+    dense_runs: dict[tuple[str | None, int], SweepRun] = {}
     for task in spec.tasks:
+        fields = {**spec.training, **spec.recipes.get(task or "", {})}
         for method in spec.methods:
             for ratio in method.param_ratios:
                 for seed in spec.seeds:
                     try:
-                        training = TrainingConfig(**spec.training, seed=seed)
+                        training = TrainingConfig(**fields, seed=seed)
                     except TypeError as exc:  # a value of the wrong type
-                        raise ConfigError(f"sweep training {spec.training}: {exc}") from exc
+                        raise ConfigError(f"sweep training {fields}: {exc}") from exc
                     is_dense = method.name == DENSE
                     options = {} if is_dense else {"param_ratio": ratio, **dict(method.options)}
                     staged = None
@@ -349,23 +424,39 @@ def plan_sweep(spec: SweepSpec, output: str | os.PathLike) -> list[SweepRun]:
                             staged = StagedSchedule(**dict(method.staged))
                         except TypeError as exc:  # an unknown option
                             raise ConfigError(f"method {method.label!r}: staged: {exc}") from exc
+                    dense = dense_runs[task, seed] if method.needs_dense else None
+                    # hashed with the dense run's name, not its folder (see the module docstring)
+                    reference = f"sweep-run:{dense.name}" if dense is not None else None
+                    distill = None
+                    if method.distill is not None:
+                        distill = DistillationConfig(teacher=reference, **dict(method.distill))
                     config = RunConfig(
                         output="",
-                        model=spec.model,
+                        model=reference if method.start == DENSE else spec.model,
                         task=task,
                         data_dir=spec.data_dir,
                         method=None if is_dense else method.name,
                         method_options=options,
                         training=training,
                         staged=staged,
+                        distillation=distill,
                     )
                     parts = [task or "base", method.name]
                     parts += [f"{k}{_short(v)}" for k, v in method.options]
                     parts += ["staged"] if staged is not None else []
+                    parts += ["from-dense"] if method.start == DENSE else []
+                    parts += ["kd"] if distill is not None else []
                     parts += [] if is_dense else [f"{ratio:g}"]
                     name = _slug("-".join([*parts, f"s{seed}", config_hash(config)]))
                     config = dataclasses.replace(config, output=str(output / name))
-                    runs.append(SweepRun(name, task, method, ratio, seed, config))
+                    if dense is not None:
+                        config = _with_dense_folder(config, dense.config.output)
+                    run = SweepRun(
+                        name, task, method, ratio, seed, config, dense.name if dense else None
+                    )
+                    runs.append(run)
+                    if is_dense:
+                        dense_runs[task, seed] = run
     names = [r.name for r in runs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -373,8 +464,19 @@ def plan_sweep(spec: SweepSpec, output: str | os.PathLike) -> list[SweepRun]:
     return runs
 
 
+def _with_dense_folder(config: RunConfig, folder: str) -> RunConfig:
+    """``config`` with its ``sweep-run:`` references replaced by the dense run's folder."""
+    if config.model is not None and config.model.startswith("sweep-run:"):
+        config = dataclasses.replace(config, model=folder)
+    if config.distillation is not None:
+        distillation = dataclasses.replace(config.distillation, teacher=folder)
+        config = dataclasses.replace(config, distillation=distillation)
+    return config
+
+
 def is_cached(run: SweepRun) -> bool:
-    """Whether ``run``'s folder holds a ``results.json`` with exactly its config."""
+    """Whether ``run``'s folder holds a ``results.json`` with exactly its config (the folder of
+    its dense run compared by name, so a moved sweep folder stays cached)."""
     path = run.output / RESULTS_FILE
     if not path.is_file():
         return False
@@ -382,20 +484,53 @@ def is_cached(run: SweepRun) -> bool:
         previous = json.loads(path.read_text()).get("config")
     except (json.JSONDecodeError, AttributeError):
         return False
-    return previous == json.loads(json.dumps(run.config.to_dict()))
+    current = json.loads(json.dumps(run.config.to_dict()))
+    return _by_name(previous, run.after) == _by_name(current, run.after)
 
 
-def validate_sweep(runs: list[SweepRun]) -> list[PreparedRun]:
+def _by_name(config: Any, dense: str | None) -> Any:
+    """A run's config dict with the folder of its dense run ``dense`` replaced by its name."""
+    if dense is None or not isinstance(config, dict):
+        return config
+    config = dict(config)
+    if Path(str(config.get("model"))).name == dense:
+        config["model"] = dense
+    teacher = (config.get("distillation") or {}).get("teacher")
+    if teacher is not None and Path(str(teacher)).name == dense:
+        config["distillation"] = {**config["distillation"], "teacher": dense}
+    return config
+
+
+def _waits(run: SweepRun, output: Path) -> bool:
+    """Whether ``run`` needs a dense run that has not finished yet."""
+    return run.after is not None and not (output / run.after / RESULTS_FILE).is_file()
+
+
+def validate_sweep(runs: list[SweepRun], model: str | None = None) -> list[PreparedRun | None]:
     """``prepare_run`` on every run, before anything is executed: method options, tasks, data and
     model are all checked first, so a typo in the last run does not surface hours later.
+
+    A finished run (``is_cached``) is not prepared again (``None`` in its place). A run whose
+    dense run has not finished (``SweepRun.after``) is checked with the sweep's ``model`` in place
+    of the dense model and without its teacher, released at once, and ``None`` is returned in its
+    place: it is prepared for real once its dense run is done.
 
     Raises:
         ConfigError, DataError, OutputExistsError: as ``prepare_run``, naming the run.
     """
-    prepared = []
+    prepared: list[PreparedRun | None] = []
     for run in runs:
         try:
-            prepared.append(prepare_run(run.config, overwrite=False))
+            if is_cached(run):
+                prepared.append(None)
+            elif _waits(run, run.output.parent):
+                stand_in = dataclasses.replace(run.config, model=model, distillation=None)
+                check = prepare_run(stand_in, overwrite=False)
+                if check.lock is not None:
+                    check.lock.release()
+                prepared.append(None)
+            else:
+                prepared.append(prepare_run(run.config, overwrite=False))
         except Exception as exc:
             from factorlab.errors import FactorlabError
 
@@ -462,14 +597,44 @@ def bench_runs(
     return done
 
 
+def parse_lane(text: str) -> tuple[int, int]:
+    """``"1/4"`` -> ``(1, 4)``: lane 1 of 4 (0-based).
+
+    Raises:
+        ConfigError: not ``I/N`` with integers ``0 <= I < N``.
+    """
+    index, _, count = text.partition("/")
+    try:
+        lane = (int(index), int(count))
+    except ValueError:
+        lane = (-1, 0)
+    if not 0 <= lane[0] < lane[1]:
+        raise ConfigError(f"--lane must be I/N with 0 <= I < N (lane I of N), got {text!r}")
+    return lane
+
+
+def lane_runs(runs: list[SweepRun], lane: tuple[int, int]) -> list[SweepRun]:
+    """The runs of lane ``(i, n)``: every n-th (task, seed) group from the i-th, in planning
+    order. A dense run and the runs that start or distil from it share a group, so n processes
+    with lanes 0/n ... (n-1)/n run a sweep in parallel without waiting for each other."""
+    groups: dict[tuple[str | None, int], int] = {}
+    for run in runs:
+        groups.setdefault((run.task, run.seed), len(groups))
+    index, count = lane
+    return [r for r in runs if groups[r.task, r.seed] % count == index]
+
+
 def run_sweep(
     spec: SweepSpec | str | os.PathLike,
     output: str | os.PathLike,
     progress: bool = False,
     log: Callable[[str], None] = print,
     execute_fn: Callable[..., dict[str, Any]] | None = None,
+    lane: tuple[int, int] | None = None,
+    methods: list[str] | None = None,
 ) -> SweepSummary:
-    """Run every run of a sweep that is not already done, in order, then the optional benchmark.
+    """Run every run of a sweep that is not already done, then the optional benchmark. Runs go
+    seed by seed (every task and method of the first seed, then the next), dense first.
 
     All runs are planned and validated first (``plan_sweep``, ``validate_sweep``); nothing is run
     if any is invalid. ``output/sweep.json`` records the sweep file and the run list. One line is
@@ -483,6 +648,10 @@ def run_sweep(
         progress: show training progress bars.
         log: where the lines go.
         execute_fn: replaces ``factorlab.runs.execute`` (tests).
+        lane: ``(i, n)``: run only lane i of n (``lane_runs``), e.g. one single-thread process
+            per lane; the benchmark is left to a run of the whole sweep once every lane is done.
+        methods: run only the variants of these method names (``["dense"]``: the baselines
+            first, to check the recipes); the benchmark is then skipped too.
 
     Returns:
         A ``SweepSummary``.
@@ -495,8 +664,17 @@ def run_sweep(
         spec = load_sweep(spec)
     execute_fn = execute_fn or execute
     output = Path(output)
-    runs = plan_sweep(spec, output)
-    prepared = validate_sweep(runs)
+    planned = plan_sweep(spec, output)
+    if methods is not None:
+        known = {m.name for m in spec.methods}
+        unknown = sorted(set(methods) - known)
+        if unknown:
+            raise ConfigError(f"--methods {unknown}: not in the sweep, whose methods are {known}")
+    runs = planned if lane is None else lane_runs(planned, lane)
+    runs = runs if methods is None else [r for r in runs if r.method.name in methods]
+    # one seed over every task and method before the next: a sweep cut short still compares all
+    runs = sorted(runs, key=lambda r: spec.seeds.index(r.seed))
+    prepared = validate_sweep(runs, spec.model)
     from factorlab.io import write_json_atomic
 
     write_json_atomic(
@@ -511,8 +689,9 @@ def run_sweep(
                     "label": r.method.label,
                     "param_ratio": r.param_ratio,
                     "seed": r.seed,
+                    "after": r.after,
                 }
-                for r in runs
+                for r in planned
             ],
         },
     )
@@ -528,6 +707,8 @@ def run_sweep(
         _remove_partials(run)
         start = time.perf_counter()
         try:
+            if prep is None:  # its dense run finished in this sweep
+                prep = validate_sweep([run])[0]
             results = execute_fn(prep, progress=progress, log=lambda msg: log(f"    {msg}"))
         except BaseException as exc:
             log(f"{head}: failed after {time.perf_counter() - start:.0f} s ({exc!r})")
@@ -535,6 +716,8 @@ def run_sweep(
         summary.executed.append(run.name)
         summary.results[run.name] = results
         log(f"{head}: done in {time.perf_counter() - start:.0f} s, {_main_metric(results)}")
-    if spec.bench is not None:
+    if spec.bench is not None and (lane is not None or methods is not None):
+        log("bench: skipped; run the whole sweep once every run is done")
+    elif spec.bench is not None:
         summary.benched = bench_runs(runs, spec.bench, log)
     return summary
