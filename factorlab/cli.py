@@ -63,6 +63,11 @@ def _add_training_args(
         type=float,
         help="train on a seeded random subset of this fraction of the examples, in (0, 1]",
     )
+    g.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="batches of examples of similar length: less padding, another data order",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     if not distill:
         return
@@ -111,7 +116,7 @@ def _training_config(args: argparse.Namespace) -> Any:
     from factorlab.training.config import TrainingConfig
 
     fields = [*TRAINING_FLAGS, "seed", "max_steps", "factor_weight_decay"]
-    fields += ["train_samples", "train_fraction"]
+    fields += ["train_samples", "train_fraction", "group_by_length"]
     return TrainingConfig(**{name: getattr(args, name) for name in fields})
 
 

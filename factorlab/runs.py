@@ -65,6 +65,7 @@ LATER_TRAINING_DEFAULTS = {
     "train_fraction": None,
     "gradient_accumulation_steps": 1,
     "factor_weight_decay": None,
+    "group_by_length": False,
 }
 """``TrainingConfig`` fields added after runs were first cached, with the default that earlier
 runs implicitly used; left out of ``RunConfig.to_dict`` at that default."""

@@ -38,11 +38,18 @@ class EncodedSplit(Dataset):
 
 
 def make_loader(
-    dataset: EncodedSplit, tokenizer: Any, batch_size: int, shuffle: bool, seed: int = 0
+    dataset: EncodedSplit,
+    tokenizer: Any,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    group_by_length: bool = False,
 ) -> DataLoader:
     """A loader that pads each batch to its longest example (dynamic padding).
 
-    Shuffling uses its own ``torch.Generator`` seeded with ``seed``, so the order is reproducible.
+    Shuffling uses its own ``torch.Generator`` seeded with ``seed``, so the order is reproducible;
+    with ``group_by_length`` (needs ``shuffle``) the shuffled order is grouped into batches of
+    similar length by transformers' ``LengthGroupedSampler`` (less padding, same examples).
     """
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     regression = dataset.task.is_regression
@@ -53,6 +60,12 @@ def make_loader(
         return batch
 
     generator = torch.Generator().manual_seed(seed) if shuffle else None
+    if group_by_length and shuffle:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        lengths = [len(f["input_ids"]) for f in dataset.features]
+        sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_fn, generator=generator
     )

@@ -203,7 +203,14 @@ def train(
     objective = objective or Objective(dataset.task.is_regression)
     objective.to(accelerator.device)
     hooks = CallbackList(callbacks)
-    loader = make_loader(dataset, tokenizer, micro, shuffle=True, seed=config.seed)
+    loader = make_loader(
+        dataset,
+        tokenizer,
+        micro,
+        shuffle=True,
+        seed=config.seed,
+        group_by_length=config.group_by_length,
+    )
     optimizer = make_optimizer(model, config, hooks.parameter_groups(model))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
     model_p, optimizer, loader = accelerator.prepare(model, optimizer, loader)
