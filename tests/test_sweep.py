@@ -286,6 +286,9 @@ def test_runs_from_the_dense_run_wait_for_it_and_stay_cached(
     manifest = json.loads((out / "sweep.json").read_text())
     assert [r["after"] for r in manifest["runs"]] == [None, dense_name]
 
+    # a run whose dense run is neither done nor selected is refused before anything runs
+    with pytest.raises(ConfigError, match="needs its dense run"):
+        run_sweep(path, tmp_path / "fresh", methods=["low-rank"])
     # moved elsewhere, both runs are still cached
     moved = tmp_path / "moved"
     out.rename(moved)

@@ -674,6 +674,13 @@ def run_sweep(
     runs = runs if methods is None else [r for r in runs if r.method.name in methods]
     # one seed over every task and method before the next: a sweep cut short still compares all
     runs = sorted(runs, key=lambda r: spec.seeds.index(r.seed))
+    selected = {r.name for r in runs}
+    missing = [r for r in runs if _waits(r, output) and r.after not in selected]
+    if missing:
+        raise ConfigError(
+            f"sweep run {missing[0].name} needs its dense run {missing[0].after}, which is not "
+            "done and not selected: run the sweep with --methods dense (or no --methods) first"
+        )
     prepared = validate_sweep(runs, spec.model)
     from factorlab.io import write_json_atomic
 
