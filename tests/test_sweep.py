@@ -255,6 +255,9 @@ def test_recipe_and_dependency_errors(data, match):
     data = {"param_ratios": [0.5], **data}
     with pytest.raises(ConfigError, match=match):
         parse_sweep(data)
+
+
+def test_bad_distillation_values_are_refused_when_planning():
     with pytest.raises(ConfigError, match="distill alpha"):
         plan_sweep(
             parse_sweep({"tasks": ["rte"], "param_ratios": [0.5], "methods": [

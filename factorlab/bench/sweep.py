@@ -223,6 +223,19 @@ def _ratios(value: Any, where: str) -> tuple[float, ...]:
     return tuple(float(r) for r in ratios)
 
 
+def _switch(entry: dict[str, Any], key: str, where: str) -> dict[str, Any] | None:
+    """A method entry's ``key`` given as ``true`` / ``false`` or a mapping of its options:
+    the mapping (``{}`` for ``true``), or ``None`` when absent or ``false``."""
+    value = entry.get(key)
+    if value is True:
+        return {}
+    if value is None or value is False:
+        return None
+    if not isinstance(value, dict):
+        raise _fail(where, f"method {entry['name']!r}: {key} must be true or a mapping of options")
+    return value
+
+
 def _expand_method(entry: Any, ratios: tuple[float, ...] | None, where: str) -> list[MethodVariant]:
     if isinstance(entry, str):
         entry = {"name": entry}
@@ -237,24 +250,12 @@ def _expand_method(entry: Any, ratios: tuple[float, ...] | None, where: str) -> 
     grid = entry.get("grid") or {}
     if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
         raise _fail(where, f"method {name!r}: grid must map option names to non-empty lists")
-    staged = entry.get("staged")
-    if staged is True:
-        staged = {}
-    if staged is False:
-        staged = None
-    if staged is not None and not isinstance(staged, dict):
-        raise _fail(where, f"method {name!r}: staged must be true or a mapping of its options")
+    staged = _switch(entry, "staged", where)
     start = entry.get("start", "pretrained")
     if start not in STARTS:
         raise _fail(where, f"method {name!r}: start must be one of {list(STARTS)}, got {start!r}")
-    distill = entry.get("distill")
-    if distill is True:
-        distill = {}
-    if distill is False:
-        distill = None
+    distill = _switch(entry, "distill", where)
     if distill is not None:
-        if not isinstance(distill, dict):
-            raise _fail(where, f"method {name!r}: distill must be true or a mapping of options")
         _check_keys(distill, DISTILL_KEYS, f"{where}: method {name!r}: distill")
         distill = {k: _number(v) for k, v in distill.items()}
     if name == DENSE:
