@@ -292,52 +292,56 @@ def _wait_for(condition, process, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
-def test_two_runs_to_one_output_at_once(tmp_path, tiny_model_dir, tiny_glue_dir):
+def test_two_runs_to_one_output_at_once(tmp_path, tiny_model_dir, tiny_glue_dir, capsys):
     """The second run is refused while the first holds the output's lock; the first finishes.
 
-    The first run pauses 15 s after writing its weights (still holding the lock, its folder
-    still partial), so the overlap does not depend on how fast the machine trains."""
+    The first run (a real process) pauses after writing its weights, still holding the lock and
+    its folder still partial, until the test releases it, so the overlap does not depend on how
+    fast the machine trains. The second run is this process."""
     out = tmp_path / "run"
-    first = _compress_process(tiny_model_dir, tiny_glue_dir, out, steps=2, code=PAUSED_SAVE % 15)
+    release = tmp_path / "release"
+    first = _compress_process(
+        tiny_model_dir, tiny_glue_dir, out, steps=2, code=PAUSED_SAVE % str(release)
+    )
     partials = lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".run.partial-")]  # noqa: E731
     _wait_for(lambda: any((p / "factorized.safetensors").exists() for p in partials()), first)
-    second = _compress_process(tiny_model_dir, tiny_glue_dir, out, steps=3)
-    _, err = second.communicate(timeout=120)
-    assert second.returncode == 2, err[-2000:]
-    assert "another factorlab run is writing" in err and "Traceback" not in err
+    code, message = run_cli(compress_argv(tiny_model_dir, tiny_glue_dir, out), capsys)
+    assert_refused(code, message, "another factorlab run is writing")
     assert first.poll() is None, "the first run should still hold the lock"
+    release.touch()
     stdout, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
     assert "saved to" in stdout and json.loads((out / "results.json").read_text())["train"]
 
 
 PAUSED_SAVE = """
-import sys, time
+import os, sys, time
 import factorlab.checkpoint as checkpoint
 original = checkpoint.fix_mode
-def slow(path):
+def paused(path):
     original(path)
     print("WRITTEN", flush=True)
-    time.sleep(%d)
-checkpoint.fix_mode = slow
+    deadline = time.monotonic() + 600
+    while not os.path.exists(%r) and time.monotonic() < deadline:
+        time.sleep(0.05)
+checkpoint.fix_mode = paused
 from factorlab.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-KILLED_DURING_SAVE = PAUSED_SAVE % 600
-
-
-def test_a_run_killed_during_save_loses_nothing(tmp_path, tiny_model_dir, tiny_glue_dir):
+def test_a_run_killed_during_save_loses_nothing(tmp_path, tiny_model_dir, tiny_glue_dir, capsys):
     """SIGKILL after the weights are written but before the rename: the previous run at the
-    output is intact, and the next run clears the leftover partial folder."""
+    output is intact, and the next run clears the leftover partial folder. The killed run is a
+    real process, paused until it is killed; the runs before and after it are this process."""
     out = tmp_path / "run"
-    first = _compress_process(tiny_model_dir, tiny_glue_dir, out, steps=2)
-    assert first.wait(timeout=300) == 0
+    assert run_cli(compress_argv(tiny_model_dir, tiny_glue_dir, out), capsys)[0] == 0
     previous = (out / "results.json").read_text()
+    never = tmp_path / "never-released"
     killed = _compress_process(
-        tiny_model_dir, tiny_glue_dir, out, steps=3, code=KILLED_DURING_SAVE, extra=["--overwrite"]
-    )
+        tiny_model_dir, tiny_glue_dir, out, steps=3, code=PAUSED_SAVE % str(never),
+        extra=["--overwrite"],
+    )  # fmt: skip
     partials = lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".run.partial-")]  # noqa: E731
     _wait_for(lambda: any((p / "factorized.safetensors").exists() for p in partials()), killed)
     killed.send_signal(signal.SIGKILL)
@@ -345,8 +349,8 @@ def test_a_run_killed_during_save_loses_nothing(tmp_path, tiny_model_dir, tiny_g
     assert partials(), "the killed run should have left its partial folder"
     assert (out / "results.json").read_text() == previous  # the old run is untouched
     assert load(out) is not None
-    again = _compress_process(tiny_model_dir, tiny_glue_dir, out, steps=3, extra=["--overwrite"])
-    _, err = again.communicate(timeout=300)
-    assert again.returncode == 0, err[-2000:]
+    again = compress_argv(tiny_model_dir, tiny_glue_dir, out, "--max-steps", "3", "--overwrite")
+    code, message = run_cli(again, capsys)
+    assert code == 0, message
     assert not partials(), "stale partial folders are removed under the lock"
     assert json.loads((out / "results.json").read_text())["train"]["steps"] == 3

@@ -323,22 +323,21 @@ def test_teacher_of_another_task_is_refused(tmp_path, tiny_model_dir, tiny_glue_
 
 
 def _launch(nproc: int, model: Path, glue: Path, out: Path) -> dict:
+    """Run tests/distributed_worker.py: in this process for one, under torchrun for more."""
+    if nproc == 1:
+        from tests.distributed_worker import main as worker
+
+        threads = torch.get_num_threads()
+        try:
+            worker(str(model), str(glue), str(out))
+        finally:
+            torch.set_num_threads(threads)
+        return json.loads(out.read_text())
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     script = str(REPO / "tests" / "distributed_worker.py")
-    if nproc == 1:
-        command = [sys.executable, script]
-    else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--standalone",
-            script,
-        ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     done = subprocess.run(
-        [*command, str(model), str(glue), str(out)],
+        [*command, "--standalone", script, str(model), str(glue), str(out)],
         env=env,
         cwd=REPO,
         capture_output=True,
