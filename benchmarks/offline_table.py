@@ -71,6 +71,22 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "act-svd",
         {"allocation": "sensitivity", "sensitivity_samples": 128, "sequential": True},
     ),
+    # 16 candidate ranks instead of 8: every 0.05 of the largest useful rank up to 0.6, then every 0.1
+    "act-svd-seq-sens128-fine": (
+        "act-svd",
+        {
+            "allocation": "sensitivity",
+            "sensitivity_samples": 128,
+            "sensitivity_fractions": [
+                *(round(0.05 * i, 2) for i in range(1, 13)),
+                0.7,
+                0.8,
+                0.9,
+                1.0,
+            ],
+            "sequential": True,
+        },
+    ),
 }
 """Table row name -> (registered method, options beyond param_ratio)."""
 

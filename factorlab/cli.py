@@ -250,6 +250,8 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         options["allocation"] = args.allocation
     if getattr(args, "sensitivity_samples", None) is not None:
         options["sensitivity_samples"] = args.sensitivity_samples
+    if getattr(args, "sensitivity_fractions", None) is not None:
+        options["sensitivity_fractions"] = args.sensitivity_fractions
     if getattr(args, "sequential", False):
         options["sequential"] = True
     for flag in METHOD_FLAGS:
@@ -644,6 +646,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--sensitivity-samples",
         type=int,
         help="--allocation sensitivity: calibration examples the output is measured on, default 64",
+    )
+    p.add_argument(
+        "--sensitivity-fractions",
+        type=float,
+        nargs="+",
+        metavar="F",
+        help="--allocation sensitivity: candidate ranks measured per matrix, as fractions in "
+        "(0, 1] of its largest useful rank, default 0.1 0.2 0.3 0.4 0.5 0.6 0.8 1.0",
     )
     p.add_argument(
         "--sequential",

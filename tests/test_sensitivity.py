@@ -138,6 +138,29 @@ def test_sensitivity_starves_a_matrix_the_output_does_not_see():
     assert ranks["sensitivity"] <= 3, ranks
 
 
+def test_the_candidate_ranks_are_the_given_fractions(monkeypatch):
+    """Each matrix is measured at exactly its candidates, and none gets less than the smallest."""
+    from factorlab import sensitivity
+
+    measured = []
+    original = sensitivity.OutputProbe.__call__
+    monkeypatch.setattr(
+        sensitivity.OutputProbe,
+        "__call__",
+        lambda self, model: measured.append(1) or original(self, model),
+    )
+    config = LowRankConfig(
+        param_ratio=0.7, allocation="sensitivity", sensitivity_fractions=[1.0, 0.5, 0.5]
+    )
+    assert config.sensitivity_fractions == [0.5, 1.0]  # sorted, repeats dropped
+    report = factorize_(sensitive_bert(), config, probe=probe_batches())
+    assert len(measured) == 2 * len(report.modules)  # two candidate ranks per matrix
+    for module in report.modules:
+        m, n = module.out_features, module.in_features
+        largest = min(m, n, (m * n - 1) // (m + n))  # the low-rank spectrum's max_rank
+        assert module.rank >= round(0.5 * largest), module  # the smallest candidate: a floor
+
+
 def test_sensitivity_refuses_what_it_cannot_do():
     with pytest.raises(ConfigError, match="probe batches"):
         factorize_(tiny_bert(), LowRankConfig(allocation="sensitivity"))
@@ -147,6 +170,11 @@ def test_sensitivity_refuses_what_it_cannot_do():
         LowRankConfig(allocation="sensitivity", allocation_normalize=True)
     with pytest.raises(ConfigError, match="sensitivity_samples"):
         LowRankConfig(allocation="sensitivity", sensitivity_samples=0)
+    for fractions in ([], [0.0, 0.5], [1.5], "0.5", [True]):
+        with pytest.raises(ConfigError, match="sensitivity_fractions must be"):
+            LowRankConfig(allocation="sensitivity", sensitivity_fractions=fractions)
+    with pytest.raises(ConfigError, match="candidate ranks of allocation='sensitivity'"):
+        LowRankConfig(allocation="global", sensitivity_fractions=[0.5, 1.0])
     with pytest.raises(ConfigError, match="cannot be staged"):
         check_stageable(LowRankConfig(allocation="sensitivity"))
     with pytest.raises(ConfigError, match="pruned matrices"):
@@ -168,12 +196,14 @@ def test_cli_sensitivity_run(tmp_path, tiny_model_dir, tiny_glue_dir):
     argv = ["compress", "--model", str(tiny_model_dir), "--task", "rte"]
     argv += ["--data-dir", str(tiny_glue_dir), "--param-ratio", "0.4"]
     argv += ["--allocation", "sensitivity", "--sensitivity-samples", "16"]
+    argv += ["--sensitivity-fractions", "1.0", "0.25", "0.5"]
     argv += ["--epochs", "1", "--batch-size", "8", "--max-seq-length", "32", "--no-progress"]
     assert main([*argv, "--output", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     factorization = results["factorization"]
     assert factorization["config"]["allocation"] == "sensitivity"
     assert factorization["config"]["sensitivity_samples"] == 16
+    assert factorization["config"]["sensitivity_fractions"] == [0.25, 0.5, 1.0]
     assert results["calibration"]["task"] == "rte"
     assert len({m["rank"] for m in factorization["modules"]}) > 1
 

@@ -17,7 +17,7 @@ from factorlab.errors import ConfigError
 from factorlab.layers.base import FactorizedLinear
 from factorlab.methods.config import FactorizationConfig
 from factorlab.methods.registry import GroupMember, ModuleBudget, Projected, get_method
-from factorlab.sensitivity import sensitivity_spectra
+from factorlab.sensitivity import DEFAULT_FRACTIONS, sensitivity_spectra
 from factorlab.targets import budget_for, group_by_block, select_targets
 
 
@@ -201,6 +201,7 @@ def plan_modules(
                 calibration,
                 probe,
                 spectra,  # type: ignore[arg-type]
+                config.sensitivity_fractions or DEFAULT_FRACTIONS,
             )
         budget = math.floor(config.param_ratio * sum(s.dense_params for s in spectra.values()))
         ranks = allocate_global(

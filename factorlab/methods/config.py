@@ -40,6 +40,10 @@ class FactorizationConfig:
             ones (default: the objective the method itself minimizes, summed).
         sensitivity_samples: with sensitivity allocation, how many calibration examples the
             output is measured on (a run draws a seeded subset of its calibration data), >= 1.
+        sensitivity_fractions: with sensitivity allocation, the candidate ranks measured per
+            matrix, as fractions in (0, 1] of its largest useful rank (``None``:
+            ``factorlab.sensitivity.DEFAULT_FRACTIONS``, 8 candidates). More candidates follow
+            each loss curve more closely, at one projection and probe pass each.
         sequential: data-aware methods that read Gram statistics only (act-svd; see
             ``factorize_``): calibrate block ``l`` on the outputs of the already-compressed
             blocks ``1 .. l-1`` (SVD-LLM v2, GPTQ-style pipelines). Under global or sensitivity
@@ -57,6 +61,7 @@ class FactorizationConfig:
     max_param_ratio: float = 1.0
     allocation_normalize: bool = False
     sensitivity_samples: int = 64
+    sensitivity_fractions: list[float] | None = None
     sequential: bool = False
 
     def __post_init__(self) -> None:
@@ -76,6 +81,28 @@ class FactorizationConfig:
         samples = self.sensitivity_samples
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ConfigError(f"sensitivity_samples must be an int >= 1, got {samples!r}")
+        fractions = self.sensitivity_fractions
+        if fractions is not None and (
+            isinstance(fractions, (str, bytes))
+            or not isinstance(fractions, (list, tuple))
+            or not fractions
+            or not all(
+                isinstance(f, (int, float)) and not isinstance(f, bool) and 0.0 < f <= 1.0
+                for f in fractions
+            )
+        ):
+            raise ConfigError(
+                "sensitivity_fractions must be a non-empty list of fractions in (0, 1] of each "
+                f"matrix's largest useful rank, e.g. [0.1, 0.2, 0.4, 0.8, 1.0]; got {fractions!r}"
+            )
+        if fractions is not None:
+            if self.allocation != "sensitivity":
+                raise ConfigError(
+                    "sensitivity_fractions are the candidate ranks of allocation='sensitivity', "
+                    f"not of allocation={self.allocation!r}: drop them or use "
+                    "--allocation sensitivity"
+                )
+            self.sensitivity_fractions = sorted({float(f) for f in fractions})
         if isinstance(self.param_ratio, bool) or not isinstance(self.param_ratio, (int, float)):
             raise ConfigError(f"param_ratio must be a number in (0, 1], got {self.param_ratio!r}")
         if not 0.0 < self.param_ratio <= 1.0:
