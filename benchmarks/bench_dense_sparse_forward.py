@@ -9,9 +9,9 @@ and random factors, it times ``h = x D^T`` followed by
 * ``csr``: ``C_csr @ h^T`` with ``C`` a ``torch.sparse_csr`` tensor built from (indices, values)
   at every call, as a layer whose values train would have to;
 
-against the dense equivalent ``nn.Linear`` (an ``m x n`` product) and the dense coefficient
-product ``h C^T`` (``C`` dense ``m x k``), and the layer itself (``DenseSparseLinear``, which picks
-a kernel by the number of input rows). Float32, ``torch.inference_mode()``, a fixed thread count,
+against the dense coefficient product ``h C^T`` (``C`` dense ``m x k``), the layer itself
+(``DenseSparseLinear``, which runs that product with ``C`` cached) and the dense equivalent
+``nn.Linear`` (an ``m x n`` product). Float32, ``torch.inference_mode()``, a fixed thread count,
 round-robin timing (one call of each per round, so background load hits all alike), median ms.
 
 Usage::
@@ -43,7 +43,8 @@ SHAPES = ((384, 384), (1536, 384), (384, 1536))
 def kernels(layer: DenseSparseLinear, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
     m, n, k, s = layer.out_features, layer.in_features, layer.basis_size, layer.nnz_per_row
     D = layer.basis.reshape(-1, n)
-    idx = layer.flat_indices()
+    rows = m // layer.groups  # column of each value in h of all groups, (g k) wide
+    idx = layer.indices.long() + (torch.arange(m) // rows * k)[:, None]
     values = layer.values
     crow = torch.arange(0, m * s + 1, s)
     col = idx.reshape(-1)

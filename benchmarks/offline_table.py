@@ -71,7 +71,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "act-svd",
         {"allocation": "sensitivity", "sensitivity_samples": 128, "sequential": True},
     ),
-    # 16 candidate ranks instead of 8: every 0.05 of the largest useful rank up to 0.6, then every 0.1
+    # 16 candidate ranks instead of 8: every 0.05 of the largest useful rank up to 0.6, then
+    # every 0.1
     "act-svd-seq-sens128-fine": (
         "act-svd",
         {

@@ -32,15 +32,27 @@ from factorlab.projections.dense_sparse import (
 )
 
 INT16_MAX = 32767
-GATHER_MAX_TOKENS = 2
-"""Up to this many input rows the deployed forward gathers ``h`` directly (``index_select``);
-above it, the fused gather + weighted sum of ``F.embedding_bag`` (see ``DenseSparseLinear``)."""
 
 
 def _tracing() -> bool:
     """Whether the forward is being traced or compiled (``torch.export``, ONNX, ``jit.trace``):
     no data pointers, no shape-dependent kernel choice then."""
     return bool(torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+def _coefficient_product(
+    h: torch.Tensor, C: torch.Tensor, groups: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``y = h_j C_j^T + b`` per row group: ``h`` ``(..., g k)``, ``C`` ``(m, k)`` with rows of
+    group ``j`` contiguous; returns ``(..., m)``."""
+    if groups == 1:
+        return F.linear(h, C, bias)
+    k = C.shape[1]
+    lead = h.shape[:-1]
+    hg = h.reshape(-1, groups, k)
+    Cg = C.reshape(groups, -1, k)
+    y = torch.einsum("tgk,grk->tgr", hg, Cg).reshape(*lead, C.shape[0])
+    return y if bias is None else y + bias
 
 
 def _check(in_features: int, out_features: int, k: int, s: int, groups: int) -> None:
@@ -64,24 +76,28 @@ class DenseSparseLinear(FactorizedLinear):
 
     ``g k n + m s`` parameters plus the bias; the ``m s`` indices are counted in bytes
     (``storage_bytes``), not as parameters. Output row ``i`` of group ``j`` is
-    ``y_i = sum_t values[i, t] * h[j, indices[i, t]] + b_i`` with ``h_j = x D_j^T``, so the forward
-    costs ``g k n + m s`` MACs per token and never forms an ``m x n`` product. Repeated indices in a
-    row (only in an uninitialized layer) add up, here and in ``to_dense``.
+    ``y_i = sum_t values[i, t] * h[j, indices[i, t]] + b_i`` with ``h_j = x D_j^T``: the forward
+    never forms an ``m x n`` product. Repeated indices in a row (only in an uninitialized layer)
+    add up, here and in ``to_dense``.
 
-    Kernel (measured with ``benchmarks/bench_dense_sparse_forward.py``, CPU fp32, MiniLM shapes at
-    ``param_ratio`` 0.5 with the default rule, median ms, 1 thread, on a shared 2-core machine
-    with load ~3, so +-30%): at 128 tokens the fused gather + weighted sum
-    ``F.embedding_bag(indices, h^T, per_sample_weights=values)`` (this layer) took 0.52 / 1.66 /
-    1.31 ms for 384x384 / 1536x384 / 384x1536, a CSR matmul (``torch.sparse_csr``, built from
-    indices and values per call) 0.71 / 2.69 / 1.45 ms, the dense ``nn.Linear`` 0.48 / 1.83 /
-    1.69 ms, while the plain gather ``h[:, indices] * values`` summed took 10-150 ms (it
-    materializes tokens x m x s). At 1 token ``embedding_bag`` costs 0.11 / 0.84 / 0.21 ms
-    (per-bag overhead); the plain gather (``index_select``, this layer) 0.06 / 0.32 / 0.13 ms is
-    within 10-20% of CSR (0.05 / 0.29 / 0.11 ms); dense took 0.02 / 0.25 / 0.12 ms. So the layer
-    uses the plain gather up to ``GATHER_MAX_TOKENS`` input rows and ``embedding_bag`` above;
-    both are differentiable (the deployed form can be fine-tuned). 2 threads gave the same
-    ranking at 1-16 tokens (at 128 tokens the load made them meaningless). While traced or compiled
-    (ONNX export) it always uses the plain gather, which exports as Gather, Mul and ReduceSum.
+    Kernel (our choice, measured with ``benchmarks/bench_dense_sparse_forward.py``): the stored
+    coefficients are scattered into the dense ``(m, k)`` matrix ``C`` (zeros off the support)
+    and ``y = h C^T`` is one dense matmul, ``g k n + m k`` MACs per token (the zeros of ``C``
+    are multiplied too: ``k / s = 8 / 3`` times the ``m s`` of a sparse kernel under the default
+    rule). On CPU fp32 at MiniLM shapes and ``param_ratio`` 0.28 (1 thread, median ms, a
+    shared 2-core machine with load ~4, so +-30%) it took 0.19 / 1.12 / 0.81 ms at 128 tokens
+    for 384x384 / 1536x384 / 384x1536, against 0.55 / 1.63 / 1.24 for the fused gather +
+    weighted sum of ``F.embedding_bag``, 0.38 / 1.94 / 1.14 for a CSR matmul
+    (``torch.sparse_csr``), 18-250 for the plain gather ``h[:, idx] * values`` summed (it
+    materializes tokens x m x s) and 0.43 / 1.92 / 1.86 for the dense ``nn.Linear``; at 1 token
+    0.015 / 0.17 / 0.06 ms against 0.05-0.43 (CSR), 0.10-1.0 (``embedding_bag``) and 0.02 / 0.28 /
+    0.20 (dense); at 4,096 tokens 10 / 63 / 38 ms against 15 / 130 / 46 (``embedding_bag``), 22 /
+    204 / 33 (CSR) and 18 / 67 / 93 (dense). ``C`` is rebuilt at every call while gradients are
+    recorded (it is differentiable in ``values``: the deployed form can be fine-tuned) and
+    cached otherwise, until ``values`` or ``indices`` change (in place, as ``load_state_dict``
+    does, or by ``.to``); the cache holds ``m k`` floats. Traced or compiled (ONNX export), ``C``
+    is a ``ScatterElements`` of the stored values, constant-folded by ONNX Runtime into one
+    initializer, so the exported layer runs as two MatMuls.
     """
 
     kind = "dense_sparse"
@@ -104,7 +120,7 @@ class DenseSparseLinear(FactorizedLinear):
         self.basis = nn.Parameter(torch.zeros(groups, basis_size, in_features))
         self.values = nn.Parameter(torch.zeros(out_features, nnz_per_row))
         self.register_buffer("indices", torch.zeros(out_features, nnz_per_row, dtype=torch.int16))
-        self._flat_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        self._coefficient_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     @classmethod
     def from_factors(
@@ -130,40 +146,25 @@ class DenseSparseLinear(FactorizedLinear):
                 layer.bias.copy_(bias)
         return layer.to(factors.basis.device)
 
-    def flat_indices(self) -> torch.Tensor:
-        """``(m, s)`` int64 column of each value in ``h`` of all groups, ``(g k)`` wide: the
-        int16 ``indices`` plus ``k`` times the row's group. Cached until ``indices`` changes
-        (in place, as ``load_state_dict`` does, or by ``.to``); recomputed every call while
-        tracing or compiling (export) and for inference tensors (no version counter)."""
-        idx = self.indices
-        if _tracing() or idx.is_inference():
-            return idx.long() + self._offsets()
-        key = (idx.data_ptr(), idx._version, idx.device)
-        if self._flat_cache is None or self._flat_cache[0] != key:
-            self._flat_cache = (key, idx.long() + self._offsets())
-        return self._flat_cache[1]
-
-    def _offsets(self) -> torch.Tensor:
-        rows = self.out_features // self.groups
-        offset = torch.arange(self.out_features, device=self.indices.device) // rows
-        return (offset * self.basis_size)[:, None]
+    def coefficient_matrix(self) -> torch.Tensor:
+        """``C`` as the dense ``(m, k)`` matrix the forward multiplies: rebuilt while gradients
+        are recorded, while tracing or compiling, and for inference tensors (no version
+        counter); otherwise cached until ``values`` or ``indices`` change."""
+        values, idx = self.values, self.indices
+        if (torch.is_grad_enabled() and values.requires_grad) or _tracing():
+            return self.sparse_coefficients()
+        try:
+            key = (values._version, idx._version, values.data_ptr(), idx.data_ptr())
+        except RuntimeError:  # inference tensors have no version counter
+            return self.sparse_coefficients()
+        cache = self._coefficient_cache
+        if cache is None or cache[0] != key:
+            cache = self._coefficient_cache = (key, self.sparse_coefficients())
+        return cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        h = F.linear(x2, self.basis.reshape(-1, self.in_features))  # (T, g k)
-        flat = self.flat_indices()
-        tokens = h.shape[0]
-        if tokens <= GATHER_MAX_TOKENS or _tracing():  # export: Gather, Mul, ReduceSum
-            gathered = h.index_select(1, flat.reshape(-1))
-            y = (gathered.view(tokens, self.out_features, self.nnz_per_row) * self.values).sum(-1)
-        else:
-            y = F.embedding_bag(
-                flat, h.t().contiguous(), per_sample_weights=self.values, mode="sum"
-            ).t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        h = F.linear(x, self.basis.reshape(-1, self.in_features))  # (..., g k)
+        return _coefficient_product(h, self.coefficient_matrix(), self.groups, self.bias)
 
     def sparse_coefficients(self) -> torch.Tensor:
         """``C`` as a dense ``(m, k)`` matrix (for checks and ``to_dense``)."""
@@ -176,9 +177,10 @@ class DenseSparseLinear(FactorizedLinear):
         return dense_sparse_product(self.basis, self.sparse_coefficients())
 
     def macs_per_token(self) -> int:
-        """``g k n + m s``: the basis matmul and one multiply-add per stored value."""
-        return (
-            self.groups * self.basis_size * self.in_features + self.out_features * self.nnz_per_row
+        """``g k n + m k``: the basis matmul and the dense coefficient matmul of the forward
+        (zeros included; a sparse kernel would need ``m s``)."""
+        return self.groups * self.basis_size * self.in_features + self.out_features * (
+            self.basis_size
         )
 
     def storage_bytes(self) -> int:
@@ -278,15 +280,8 @@ class DenseSparseSTFLinear(FactorizedLinear):
         return self.latents + (masked - self.latents).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        C = self.coefficients()
         h = F.linear(x, self.basis.reshape(-1, self.in_features))  # (..., g k)
-        if self.groups == 1:
-            return F.linear(h, C, self.bias)
-        lead = h.shape[:-1]
-        hg = h.reshape(-1, self.groups, self.basis_size)
-        Cg = C.reshape(self.groups, -1, self.basis_size)
-        y = torch.einsum("tgk,grk->tgr", hg, Cg).reshape(*lead, self.out_features)
-        return y if self.bias is None else y + self.bias
+        return _coefficient_product(h, self.coefficients(), self.groups, self.bias)
 
     @torch.no_grad()
     def top_support(self) -> torch.Tensor:
