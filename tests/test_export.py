@@ -196,3 +196,33 @@ def test_q_k_v_sharing_an_input_export_as_one_matmul(factorized, tmp_path, token
     matmuls = sum(n.op_type == "MatMul" for n in graph.node)
     # per block 6 linears, 12 factors when factorized; three of them become one
     assert matmuls == model.config.num_hidden_layers * (10 if factorized else 4)
+
+
+def test_a_dsformer_layer_runs_as_two_matmuls_in_onnx_runtime(tmp_path, tokenizer):
+    """The exported coefficient matrix (a ScatterElements of the stored values) is folded into a
+    constant by ONNX Runtime, and the session computes what PyTorch does."""
+    import onnx
+    import onnxruntime as ort
+
+    import factorlab as fl
+    from factorlab.export import export_onnx
+    from tests.tiny import tiny_bert
+
+    model = tiny_bert()
+    fl.factorize_(model, fl.make_config("dsformer", param_ratio=0.5))
+    path = export_onnx(model, tokenizer, tmp_path / "m.onnx")  # verified against PyTorch
+    exported = [n.op_type for n in onnx.load(str(path)).graph.node]
+    layers = len(fl.factorized_modules(model))
+    assert exported.count("ScatterElements") == layers
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert "ScatterElements" not in optimized
+    # two per layer, the bases of Q, K and V (one shared input) exported as one
+    assert optimized.count("MatMul") == 2 * layers - 2 * model.config.num_hidden_layers
+    inputs = example_inputs(model, tokenizer, 3, 11, seed=7)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    torch.testing.assert_close(torch.from_numpy(np.asarray(got)), expected, rtol=1e-4, atol=1e-4)
