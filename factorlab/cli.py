@@ -653,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="F",
         help="--allocation sensitivity: candidate ranks measured per matrix, as fractions in "
-        "(0, 1] of its largest useful rank, default 0.1 0.2 0.3 0.4 0.5 0.6 0.8 1.0",
+        "(0, 1] of its largest useful rank, default 0.1 0.2 0.3 0.4 0.5 0.6 0.8 1.0 "
+        "(factorlab.sensitivity.DEFAULT_FRACTIONS)",
     )
     p.add_argument(
         "--sequential",

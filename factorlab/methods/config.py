@@ -82,20 +82,17 @@ class FactorizationConfig:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ConfigError(f"sensitivity_samples must be an int >= 1, got {samples!r}")
         fractions = self.sensitivity_fractions
-        if fractions is not None and (
-            isinstance(fractions, (str, bytes))
-            or not isinstance(fractions, (list, tuple))
-            or not fractions
-            or not all(
-                isinstance(f, (int, float)) and not isinstance(f, bool) and 0.0 < f <= 1.0
-                for f in fractions
-            )
-        ):
-            raise ConfigError(
-                "sensitivity_fractions must be a non-empty list of fractions in (0, 1] of each "
-                f"matrix's largest useful rank, e.g. [0.1, 0.2, 0.4, 0.8, 1.0]; got {fractions!r}"
-            )
         if fractions is not None:
+            if not (
+                isinstance(fractions, (list, tuple))
+                and fractions
+                and all(_is_fraction(f) for f in fractions)
+            ):
+                raise ConfigError(
+                    "sensitivity_fractions must be a non-empty list of fractions in (0, 1] of "
+                    "each matrix's largest useful rank, e.g. [0.1, 0.2, 0.4, 0.8, 1.0]; got "
+                    f"{fractions!r}"
+                )
             if self.allocation != "sensitivity":
                 raise ConfigError(
                     "sensitivity_fractions are the candidate ranks of allocation='sensitivity', "
@@ -162,3 +159,8 @@ def _compile(pattern: str, what: str) -> re.Pattern[str]:
         return re.compile(pattern)
     except re.error as exc:
         raise ConfigError(f"{what}: {pattern!r} is not a valid regular expression ({exc})") from exc
+
+
+def _is_fraction(value: Any) -> bool:
+    """A real number in (0, 1] (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0
