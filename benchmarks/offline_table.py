@@ -25,6 +25,7 @@ an interrupted one resumes.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -70,6 +71,42 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "act-svd-seq-sens128": (
         "act-svd",
         {"allocation": "sensitivity", "sensitivity_samples": 128, "sequential": True},
+    ),
+    # sequential with error compensation: each layer fitted to the dense model's outputs
+    "act-svd-seq-comp": ("act-svd", {"sequential": True, "compensate": True}),
+    "act-svd-seq-sens128-comp": (
+        "act-svd",
+        {
+            "allocation": "sensitivity",
+            "sensitivity_samples": 128,
+            "sequential": True,
+            "compensate": True,
+        },
+    ),
+    # the affine fit: centred whitening, the mean output error moved into the bias
+    "act-svd-bias": ("act-svd", {"bias_correction": True}),
+    "act-svd-seq-comp-bias": (
+        "act-svd",
+        {"sequential": True, "compensate": True, "bias_correction": True},
+    ),
+    "act-svd-seq-sens128-comp-bias": (
+        "act-svd",
+        {
+            "allocation": "sensitivity",
+            "sensitivity_samples": 128,
+            "sequential": True,
+            "compensate": True,
+            "bias_correction": True,
+        },
+    ),
+    "act-svd-seq-sens128-bias": (
+        "act-svd",
+        {
+            "allocation": "sensitivity",
+            "sensitivity_samples": 128,
+            "sequential": True,
+            "bias_correction": True,
+        },
     ),
     # 16 candidate ranks instead of 8: every 0.05 of the largest useful rank up to 0.6, then
     # every 0.1
@@ -250,9 +287,14 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 probe = probes[samples]
             if options.get("sequential"):  # block l calibrated on the compressed blocks < l
+                reference = copy.deepcopy(model) if options.get("compensate") else None
 
-                def calibrate(names: list[str], model: Any = model, data: Any = loader) -> Any:
-                    return collect_statistics(model, data, names, fisher=False, progress=False)
+                def calibrate(
+                    names: list[str], model: Any = model, data: Any = loader, dense: Any = reference
+                ) -> Any:
+                    return collect_statistics(
+                        model, data, names, fisher=False, progress=False, reference=dense
+                    )
 
                 report = factorize_(model, config, calibrate=calibrate, probe=probe)
             else:

@@ -92,12 +92,22 @@ class ModuleStatistics:
             padding tokens are excluded when the module's input is laid out as
             ``(batch, sequence, features)`` like the attention mask (else they are included and a
             warning says so).
+        cross: ``(in_features, in_features)`` float64, ``X_ref^T X`` summed over the same
+            tokens, where ``X_ref`` are the module's inputs in a reference model (the dense
+            model, for error compensation: ``ActSVDConfig.compensate``) on the same batches
+            (``None`` without a reference).
+        input_sum / reference_sum: ``(in_features,)`` float64, the sums over the same tokens of
+            the module's inputs (in ``model`` / in the reference), for mean-centred fits
+            (``ActSVDConfig.bias_correction``); ``None`` when not collected.
     """
 
     fisher: torch.Tensor | None
     gram: torch.Tensor | None
     num_batches: int
     num_tokens: int
+    cross: torch.Tensor | None = None
+    input_sum: torch.Tensor | None = None
+    reference_sum: torch.Tensor | None = None
 
 
 def _resolve_targets(
@@ -159,6 +169,7 @@ def collect_statistics(
     gram: bool = True,
     progress: bool = True,
     description: str = "calibration",
+    reference: nn.Module | None = None,
 ) -> dict[str, ModuleStatistics]:
     """Stream ``batches`` through ``model`` and collect Fisher and/or Gram statistics per target.
 
@@ -175,21 +186,37 @@ def collect_statistics(
             model's default targets.
         fisher / gram: which statistics to collect (at least one).
         progress: show a tqdm bar over the batches.
+        reference: a model with the same module names (the dense original of a partly
+            compressed ``model``), run on every batch first: each target's ``cross`` statistic is
+            ``X_ref^T X``, its inputs there times its inputs in ``model``. Gram only.
 
     Returns:
         ``{module name: ModuleStatistics}`` in target order.
 
     Raises:
         ConfigError: nothing to collect, no batches, or ``fisher`` requested for batches without
-            labels / a model that returns no loss.
+            labels / a model that returns no loss; a ``reference`` with ``fisher`` or without
+            ``gram``, or in which a target is missing or runs more than once per forward.
         TargetError: a target is not a linear module of ``model``.
     """
     if not (fisher or gram):
         raise ConfigError("collect_statistics: ask for fisher, gram or both")
+    if reference is not None and (fisher or not gram):
+        raise ConfigError(
+            "collect_statistics: a reference model gives cross Grams only (gram=True, fisher=False)"
+        )
     modules = _resolve_targets(model, targets)
     names = list(modules)
+    reference_modules = dict(reference.named_modules()) if reference is not None else {}
+    missing = [n for n in names if reference is not None and n not in reference_modules]
+    if missing:
+        raise ConfigError(f"the reference model has no module {missing[0]!r}")
     device = next(model.parameters()).device
     grams: dict[str, torch.Tensor] = {}  # allocated when a module first runs
+    crosses: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
+    reference_sums: dict[str, torch.Tensor] = {}
+    reference_inputs: dict[str, torch.Tensor] = {}  # this batch's, in the reference model
     shares: dict[str, str] = {}  # module -> the module whose input (and Gram) it shares
     fishers = {
         n: torch.zeros(tuple(dense_weight(m).shape), dtype=torch.float32, device=device)
@@ -224,17 +251,41 @@ def collect_statistics(
                 and x.shape == encoder_output.shape
             )
             mask = state["decoder_mask" if name in in_decoder and not reads_encoder else "mask"]
-            if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-                x = x[mask]
-            else:
-                if mask is not None:
-                    state["unmasked"].add(name)
-                x = x.reshape(-1, x.shape[-1])
-            x = x.double()
+            if mask is not None and tuple(x.shape[:-1]) != tuple(mask.shape):
+                state["unmasked"].add(name)
+            x = _token_rows(x, mask).double()
             if name not in grams:
                 grams[name] = x.new_zeros(x.shape[-1], x.shape[-1])
+                sums[name] = x.new_zeros(x.shape[-1])
             grams[name].addmm_(x.T, x)
+            sums[name].add_(x.sum(0))
             tokens[name] += x.shape[0]
+            if reference is not None:
+                x_ref = reference_inputs.get(name)
+                if x_ref is None or x_ref.shape[:-1] != args[0].shape[:-1]:
+                    raise ConfigError(
+                        f"{name} did not run on this batch's tokens in the reference model; "
+                        "the reference must be the same architecture (a copy of the dense model)"
+                    )
+                if name not in crosses:
+                    crosses[name] = x.new_zeros(x.shape[-1], x.shape[-1])
+                    reference_sums[name] = x.new_zeros(x.shape[-1])
+                x_ref = _token_rows(x_ref, mask).double()
+                crosses[name].addmm_(x_ref.T, x)
+                reference_sums[name].add_(x_ref.sum(0))
+
+        return hook
+
+    def keep_reference_input(name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if name in reference_inputs:
+                raise ConfigError(
+                    f"{name} runs more than once per forward pass (a shared layer); its inputs "
+                    "in the reference model are ambiguous, so it cannot be compensated"
+                )
+            reference_inputs[name] = args[0].detach()
+            if len(reference_inputs) == len(names):
+                raise _AllTargetsSeen  # the rest of the reference's forward is not needed
 
         return hook
 
@@ -249,6 +300,12 @@ def collect_statistics(
     encoder_hook = _watch_encoder_output(model, state) if gram and in_decoder else None
     if encoder_hook is not None:
         handles.append(encoder_hook)
+    if reference is not None:
+        handles += [
+            reference_modules[n].register_forward_pre_hook(keep_reference_input(n)) for n in names
+        ]
+        reference_training = reference.training
+        reference.eval()
     weights = [modules[n].weight for n in names]
     flags = [w.requires_grad for w in weights]
     was_training = model.training
@@ -291,8 +348,14 @@ def collect_statistics(
                         g = g.T
                     fishers[name].add_(g.detach().float().square())
             else:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                if reference is not None:
+                    reference_inputs.clear()
+                    with torch.no_grad(), contextlib.suppress(_AllTargetsSeen):
+                        reference(**inputs)
                 with torch.no_grad(), contextlib.suppress(_AllTargetsSeen):
-                    model(**{k: v for k, v in batch.items() if k != "labels"})
+                    model(**inputs)
+                reference_inputs.clear()
             if state["first_batch"]:
                 calls = state["calls"]
                 state["once"] = len(calls) == len(names) and set(calls.values()) == {1}
@@ -305,6 +368,8 @@ def collect_statistics(
         for w, flag in zip(weights, flags, strict=True):
             w.requires_grad_(flag)
         model.train(was_training)
+        if reference is not None:
+            reference.train(reference_training)
     if num_batches == 0:
         raise ConfigError("collect_statistics: the calibration data holds no batch")
     if state["unmasked"]:
@@ -323,14 +388,48 @@ def collect_statistics(
             gram=grams[shares.get(n, n)] if gram else None,
             num_batches=num_batches,
             num_tokens=tokens[shares.get(n, n)] if gram else 0,
+            cross=_cross_or_zeros(crosses, grams, shares.get(n, n)) if reference else None,
+            input_sum=_sum_or_zeros(sums, grams, shares.get(n, n)) if gram else None,
+            reference_sum=_sum_or_zeros(reference_sums, grams, shares.get(n, n))
+            if reference
+            else None,
         )
         for n in names
     }
 
 
+def _token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (..., features) as rows of non-padding tokens: ``x[mask]`` when ``x`` is laid out
+    like ``mask`` (batch, sequence), else every row."""
+    if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+        return x[mask]
+    return x.reshape(-1, x.shape[-1])
+
+
+def _cross_or_zeros(
+    crosses: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], name: str
+) -> torch.Tensor:
+    if name in crosses:
+        return crosses[name]
+    return torch.zeros_like(grams[name])  # the data never reached it: zero, like its Gram
+
+
+def _sum_or_zeros(
+    sums: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], name: str
+) -> torch.Tensor:
+    if name in sums:
+        return sums[name]
+    return grams[name].new_zeros(grams[name].shape[0])
+
+
 def statistics_bytes(statistics: Mapping[str, ModuleStatistics]) -> int:
     """Bytes held by the statistics' tensors, each shared Gram counted once."""
-    tensors = {id(t): t for s in statistics.values() for t in (s.fisher, s.gram) if t is not None}
+    tensors = {
+        id(t): t
+        for s in statistics.values()
+        for t in (s.fisher, s.gram, s.cross, s.input_sum, s.reference_sum)
+        if t is not None
+    }
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -548,10 +647,12 @@ def run_calibration(
     max_seq_length: int,
     progress: bool = True,
     modules: Sequence[str] | None = None,
+    reference: nn.Module | None = None,
 ) -> dict[str, ModuleStatistics]:
     """Collect the statistics ``factorization``'s method needs on ``calibration``'s data, for the
     modules it targets, or only ``modules`` (one stage of a staged run): ``collect_statistics``
-    on ``calibration_loader``."""
+    on ``calibration_loader``; ``reference``: the dense model, for the cross statistics of
+    error compensation."""
     from factorlab.methods import get_method
 
     statistics = get_method(factorization).statistics
@@ -577,4 +678,5 @@ def run_calibration(
         fisher="fisher" in statistics,
         gram="gram" in statistics,
         progress=progress,
+        reference=reference,
     )

@@ -254,6 +254,8 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         options["sensitivity_fractions"] = args.sensitivity_fractions
     if getattr(args, "sequential", False):
         options["sequential"] = True
+    if getattr(args, "compensate", False):
+        options["compensate"] = True
     for flag in METHOD_FLAGS:
         if getattr(args, flag, None) is not None:
             options[flag] = getattr(args, flag)
@@ -662,6 +664,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="act-svd (Gram statistics): calibrate each block on the outputs of the "
         "already-compressed blocks before it (with --allocation global or sensitivity, ranks "
         "are planned on the dense model first)",
+    )
+    p.add_argument(
+        "--compensate",
+        action="store_true",
+        help="with --sequential (act-svd): fit each layer to the dense model's outputs, "
+        "correcting the error the compressed blocks before it pass on (holds a dense copy of "
+        "the model while calibrating)",
     )
     _add_lpaf_args(p)
     _add_dsformer_args(p)

@@ -6,6 +6,7 @@ or any file is touched; the checkpoint and its ``results.json`` land together in
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import time
@@ -355,6 +356,8 @@ def _execute(run: PreparedRun, progress: bool, log: Any) -> dict[str, Any]:
 
     calibrate = None
     if run.calibration is not None:
+        # error compensation reads each layer's inputs in the dense model beside the compressed
+        reference = copy.deepcopy(model) if run.factorization.compensate else None
 
         def calibrate(model: nn.Module, modules: list[str] | None = None) -> dict[str, Any]:
             """Statistics for the targeted modules, or only ``modules`` (one stage)."""
@@ -367,6 +370,7 @@ def _execute(run: PreparedRun, progress: bool, log: Any) -> dict[str, Any]:
                 training.max_seq_length,
                 progress=progress and main,
                 modules=modules,
+                reference=reference,
             )
 
     job, eval_data = None, {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -9,7 +10,9 @@ import torch
 from torch.testing import assert_close
 
 import factorlab as fl
-from factorlab.calibration import collect_statistics, statistics_bytes
+from factorlab.calibration import ModuleStatistics, collect_statistics, statistics_bytes
+from factorlab.methods.act_svd import build_act_svd
+from factorlab.projections.activation_svd import activation_svd, compensated_weight
 from factorlab.targets import select_targets
 from tests.architectures import build_family
 from tests.test_calibration import padded_batches
@@ -36,7 +39,11 @@ def test_query_key_value_share_one_gram_counted_once():
     )
     assert_close(separate[layer + "key"].gram, q, rtol=0, atol=0)
     distinct = {id(s.gram): s.gram for s in stats.values()}
-    assert statistics_bytes(stats) == sum(g.numel() * 8 for g in distinct.values())
+    assert all(
+        stats[layer + m].input_sum is stats[layer + "query"].input_sum for m in ("key", "value")
+    )
+    gram_and_sum = sum((g.numel() + g.shape[0]) * 8 for g in distinct.values())
+    assert statistics_bytes(stats) == gram_and_sum
     assert len(distinct) == 2 * 4  # per block: Q/K/V, attention output, and the two FFN inputs
 
 
@@ -172,3 +179,180 @@ def test_cli_refuses_sequential_where_it_cannot_apply_before_any_work(
     assert main(argv) == 2
     assert "sequential" in capsys.readouterr().err
     assert not out.exists()
+
+
+def dense_reference_for(model):
+    """A calibrate function that also records each block's inputs in a dense copy of ``model``."""
+    reference = copy.deepcopy(model)
+    return lambda names: collect_statistics(
+        model, padded_batches(), names, fisher=False, progress=False, reference=reference
+    )
+
+
+def test_cross_statistics_of_an_identical_reference_equal_the_gram():
+    model = tiny_bert()
+    stats = collect_statistics(
+        model, padded_batches(), fisher=False, progress=False, reference=copy.deepcopy(model)
+    )
+    for name, s in stats.items():
+        assert_close(s.cross, s.gram, rtol=1e-12, atol=1e-12, msg=name)
+    assert statistics_bytes(stats) == 2 * statistics_bytes(grams_of(model))
+
+
+def test_cross_statistics_pair_the_reference_inputs_with_the_model_inputs():
+    model, reference = tiny_bert(), tiny_bert()
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.weight.mul_(0.5)  # block 1 sees other inputs
+    name = "bert.encoder.layer.1.attention.self.query"
+    inputs = {}
+    for key, m in (("model", model), ("reference", reference)):
+        m.get_submodule(name).register_forward_pre_hook(
+            lambda module, args, key=key: inputs.setdefault(key, []).append(args[0])
+        )
+    stats = collect_statistics(
+        model, padded_batches(), [name], fisher=False, progress=False, reference=reference
+    )
+    expected = sum(
+        (r[mask.bool()].double().T @ x[mask.bool()].double())
+        for r, x, mask in zip(
+            inputs["reference"],
+            inputs["model"],
+            [b["attention_mask"] for b in padded_batches()],
+            strict=True,
+        )
+    )
+    assert_close(stats[name].cross, expected)
+    assert not torch.allclose(stats[name].cross, stats[name].gram)
+
+
+def test_compensated_weight_solves_the_ridge_problem_and_keeps_w_without_error():
+    torch.manual_seed(0)
+    m, n, tokens_ = 6, 5, 40
+    W = torch.randn(m, n, dtype=torch.float64)
+    X = torch.randn(tokens_, n, dtype=torch.float64)
+    Xc = X + 0.3 * torch.randn(tokens_, n, dtype=torch.float64)
+    gram, cross = Xc.T @ Xc, X.T @ Xc
+    assert_close(compensated_weight(W, X.T @ X, X.T @ X), W)  # no error reached the layer
+    eps = 1e-2
+    M = compensated_weight(W, gram, cross, eps=eps)
+    d = eps * gram.diagonal().mean()
+    # normal equations of min ||X W^T - Xc M^T||^2 + d ||M - W||^2
+    assert_close(M @ (gram + d * torch.eye(n, dtype=W.dtype)), W @ cross + d * W)
+
+    def objective(A, B):
+        return ((X @ W.T - Xc @ (A @ B).T).square().sum() + d * (W - A @ B).square().sum()).item()
+
+    rank = 2
+    compensated = activation_svd(M, rank, gram, eps=eps)
+    plain = activation_svd(W, rank, gram, eps=eps)
+    assert objective(compensated.A, compensated.B) < objective(plain.A, plain.B)
+    best = min(
+        objective(*(lambda U, S, Vh: (U[:, :rank] * S[:rank], Vh[:rank]))(*torch.linalg.svd(Z)))
+        for Z in (M, W)
+    )
+    assert objective(compensated.A, compensated.B) <= best + 1e-9
+
+
+def test_compensated_sequential_run_fits_later_blocks_to_the_dense_outputs():
+    plain, compensated = tiny_bert(), tiny_bert()
+    config = fl.ActSVDConfig(param_ratio=0.5, sequential=True)
+    fl.factorize_(plain, config, calibrate=calibrate_for(plain))
+    report = fl.factorize_(
+        compensated,
+        dataclasses.replace(config, compensate=True),
+        calibrate=dense_reference_for(compensated),
+    )
+    assert report.config["compensate"] is True
+    first, later = "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.output.dense"
+    for name, same in ((first, True), (later, False)):  # block 0: no error to compensate
+        a, b = plain.get_submodule(name).to_dense(), compensated.get_submodule(name).to_dense()
+        if same:
+            assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert not torch.allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_compensate_is_refused_without_sequential_or_for_a_method_that_cannot(monkeypatch):
+    from factorlab.methods.registry import METHODS
+
+    with pytest.raises(fl.ConfigError, match="--sequential"):
+        fl.ActSVDConfig(compensate=True)
+    model = tiny_bert()
+    config = fl.ActSVDConfig(sequential=True, compensate=True)
+    # a Gram-only method whose build does not read the cross statistics
+    monkeypatch.setitem(
+        METHODS, "act-svd", dataclasses.replace(METHODS["act-svd"], compensates=False)
+    )
+    with pytest.raises(fl.ConfigError, match="cannot compensate"):
+        fl.factorize_(model, config, calibrate=dense_reference_for(model))
+    monkeypatch.undo()
+    with pytest.raises(fl.ConfigError, match="cross statistics"):
+        fl.factorize_(
+            model,
+            fl.ActSVDConfig(sequential=True, compensate=True),
+            calibrate=calibrate_for(model),  # no reference model: no cross statistics
+        )
+    assert not fl.factorized_modules(model)
+
+
+def test_cli_compensate_records_the_option_and_refuses_it_without_sequential(
+    tiny_model_dir, tiny_glue_dir, tmp_path, capsys
+):
+    import json
+
+    from factorlab.cli import main
+
+    argv = ["compress", "--model", str(tiny_model_dir), "--data-dir", str(tiny_glue_dir)]
+    argv += ["--calibration-task", "rte", "--method", "act-svd", "--no-progress"]
+    refused = tmp_path / "refused"
+    assert main([*argv, "--compensate", "--output", str(refused)]) == 2
+    assert "--sequential" in capsys.readouterr().err
+    assert not refused.exists()
+    out = tmp_path / "run"
+    assert main([*argv, "--sequential", "--compensate", "--output", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["factorization"]["config"]["compensate"] is True
+
+
+def test_a_reference_of_another_architecture_is_refused_and_leaves_no_hooks():
+    model = tiny_bert(num_layers=4)
+    with pytest.raises(fl.ConfigError, match="reference model has no module"):
+        collect_statistics(
+            model, padded_batches(), fisher=False, progress=False, reference=tiny_bert()
+        )
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def _affine_case(seed=0, m=6, n=5, tokens_=50):
+    torch.manual_seed(seed)
+    W = torch.randn(m, n, dtype=torch.float64)
+    b = torch.randn(m, dtype=torch.float64)
+    X = torch.randn(tokens_, n, dtype=torch.float64) + 3.0  # inputs far from zero mean
+    stats = ModuleStatistics(None, X.T @ X, 1, tokens_, input_sum=X.sum(0))
+    return W, b, X, stats
+
+
+def test_bias_correction_moves_the_mean_output_error_into_the_bias():
+    W, b, X, stats = _affine_case()
+    corrected = build_act_svd(W, b, 2, fl.ActSVDConfig(bias_correction=True), stats).layer
+    plain = build_act_svd(W, b, 2, fl.ActSVDConfig(), stats).layer
+    dense = X @ W.T + b
+    with torch.no_grad():
+        error, plain_error = dense - corrected(X), dense - plain(X)
+    assert_close(error.mean(0), torch.zeros_like(b), atol=1e-10, rtol=0)
+    assert error.square().sum() < plain_error.square().sum()
+    with pytest.raises(fl.ConfigError, match="has none"):
+        build_act_svd(W, None, 2, fl.ActSVDConfig(bias_correction=True), stats)
+
+
+def test_bias_correction_with_compensation_matches_the_dense_outputs_mean():
+    W, b, X, _ = _affine_case(seed=1)
+    Xc = X + 0.2 * torch.randn_like(X) + 0.5  # the compressed model's inputs, shifted
+    stats = ModuleStatistics(
+        None, Xc.T @ Xc, 1, X.shape[0], cross=X.T @ Xc, input_sum=Xc.sum(0), reference_sum=X.sum(0)
+    )
+    config = fl.ActSVDConfig(sequential=True, compensate=True, bias_correction=True)
+    layer = build_act_svd(W, b, 2, config, stats).layer
+    with torch.no_grad():
+        error = (X @ W.T + b) - layer(Xc)
+    assert_close(error.mean(0), torch.zeros_like(b), atol=1e-10, rtol=0)

@@ -127,6 +127,11 @@ def _check_sequential(method: Any, config: FactorizationConfig) -> None:
             + (" and fits several modules jointly" if method.build_group is not None else "")
             + ". Drop --sequential, or use act-svd"
         )
+    if config.compensate and not method.compensates:
+        raise ConfigError(
+            f"{method.name} cannot compensate the error of earlier blocks (it does not read the "
+            "dense model's inputs); drop --compensate, or use act-svd"
+        )
 
 
 def plan_modules(

@@ -48,6 +48,15 @@ class FactorizationConfig:
             ``factorize_``): calibrate block ``l`` on the outputs of the already-compressed
             blocks ``1 .. l-1`` (SVD-LLM v2, GPTQ-style pipelines). Under global or sensitivity
             allocation the ranks are planned on the dense model first.
+        compensate: with ``sequential`` (act-svd): fit each layer to the DENSE model's outputs
+            on the same examples, ``min ||X W^T - X_c (A B)^T||_F`` with ``X`` the layer's inputs
+            in the dense model and ``X_c`` in the model compressed so far, instead of to its own
+            weight on the compressed inputs (``X_c W^T``). Closed form: the ridge solution
+            ``M = W (K + d I)(G + d I)^{-1}`` (``K = X^T X_c``, ``G = X_c^T X_c``, ``d`` the
+            act-svd damping), then act-svd of ``M`` in the ``G + d I`` norm; ``M = W`` when no
+            error has reached the layer. The error correction of GPTQ-style pipelines (Frantar
+            et al. 2023) applied to the low-rank fit; costs a dense copy of the model while
+            calibrating.
     """
 
     method: ClassVar[str] = ""
@@ -63,6 +72,7 @@ class FactorizationConfig:
     sensitivity_samples: int = 64
     sensitivity_fractions: list[float] | None = None
     sequential: bool = False
+    compensate: bool = False
 
     def __post_init__(self) -> None:
         from factorlab.allocation import BUDGET_ALLOCATIONS, check_allocation
@@ -77,6 +87,11 @@ class FactorizationConfig:
             raise ConfigError(
                 "allocation_normalize rescales truncation-error spectra (global allocation); "
                 "sensitivity allocation measures the output itself: drop one of them"
+            )
+        if self.compensate and not self.sequential:
+            raise ConfigError(
+                "compensate fits each block to the dense model's outputs while the blocks before "
+                "it are already compressed, so it needs sequential calibration: add --sequential"
             )
         samples = self.sensitivity_samples
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:

@@ -83,6 +83,8 @@ class Method:
         spectrum: ``(weight (out, in), statistics, config) -> Spectrum``: the gains per unit of
             rank in the method's own objective, for global rank allocation
             (``factorlab.allocation``); ``None``: the method supports only uniform allocation.
+        compensates: ``build`` reads ``statistics.cross`` (inputs of the dense model times
+            those of the model compressed so far), so ``config.compensate`` is allowed.
     """
 
     name: str
@@ -93,6 +95,7 @@ class Method:
     statistics: tuple[str, ...] = ()
     build_group: GroupBuildFn | None = None
     spectrum: SpectrumFn | None = None
+    compensates: bool = False
 
 
 METHODS: dict[str, Method] = {}

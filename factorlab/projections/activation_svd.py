@@ -98,6 +98,45 @@ def unwhiten(B_white: torch.Tensor, C: torch.Tensor, C_inv: torch.Tensor | None)
     return torch.linalg.solve_triangular(C.T, B_white.T, upper=True).T
 
 
+def compensated_weight(
+    weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, eps: float = DEFAULT_EPS
+) -> torch.Tensor:
+    """The full-rank ``M`` (m x n, float64) whose outputs on the compressed inputs best match
+    ``weight``'s on the dense ones: ``min ||X W^T - X_c M^T||_F^2 + d ||M - W||_F^2``.
+
+    ``gram = X_c^T X_c`` and ``cross = X^T X_c`` (n x n; ``X`` the layer's inputs in the dense
+    model, ``X_c`` in the compressed one, on the same tokens), ``d = eps * mean(diag gram)`` (the
+    damping of ``activation_svd``). Solution ``M = W (cross + d I)(gram + d I)^{-1}``; the
+    objective of any ``A B`` is ``const + ||(M - A B) C||_F^2`` with ``C C^T = gram + d I``, so
+    the best rank-r ``A B`` is ``activation_svd(M, r, gram, eps)``. ``M = W`` when
+    ``X_c = X``. The ridge pulls toward ``W``, not toward 0, so directions the calibration data
+    does not reach keep ``W``.
+
+    Raises:
+        ValueError: shapes do not fit, ``eps`` negative or non-finite statistics.
+    """
+    m, n = weight.shape
+    for name, value in (("gram", gram), ("cross", cross)):
+        if tuple(value.shape) != (n, n):
+            raise ValueError(
+                f"{name} must be ({n}, {n}) for weight {(m, n)}, got {tuple(value.shape)}"
+            )
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    G = gram.detach().double().to(weight.device)
+    K = cross.detach().double().to(weight.device)
+    if not (torch.isfinite(G).all() and torch.isfinite(K).all()):
+        raise ValueError("the calibration statistics hold non-finite values")
+    G = (G + G.T) / 2
+    damping = eps * G.diagonal().mean().item()
+    if damping <= 0:  # no inputs reached the layer, or no ridge: keep W where G is singular
+        damping = 1e-12 * max(G.diagonal().max().item(), 1.0)
+    eye = torch.eye(n, dtype=G.dtype, device=G.device)
+    W = weight.detach().double()
+    # M^T = (G + d I)^{-1} (K + d I)^T W^T, G + d I symmetric positive definite
+    return torch.linalg.solve(G + damping * eye, (K + damping * eye).T @ W.T).T
+
+
 def activation_svd(
     weight: torch.Tensor, rank: int, gram: torch.Tensor, eps: float = DEFAULT_EPS
 ) -> ActivationSVDFactors:
