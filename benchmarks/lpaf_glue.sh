@@ -11,6 +11,7 @@
 #                                (relative errors), half the steps mixed-rank fine-tuning
 #   ...-nomix / -em10            without mixed-rank training (q = 0) / with the sparsity-aware
 #                                SVD (10 EM steps fitting only the kept entries)
+#   ...-prune0.25                a quarter of the steps pruning, three quarters recovery
 #   ...-{zeroinit,maginit,magnitude}-abs-em10   the first setting tried (METHODS.md §7 as
 #                                written): sparsity 1 - P, absolute-error allocation, 10 EM steps,
 #                                movement scores from 0 / from |W|, or magnitude pruning
@@ -50,5 +51,6 @@ for task in ${tasks[@]}; do
     run "$task-lpaf-$p-ft-kd-zeroinit-abs-em10" "${first[@]}" --option score_init=zeros
     run "$task-lpaf-$p-ft-kd-maginit-abs-em10" "${first[@]}"
     run "$task-lpaf-$p-ft-kd-magnitude-abs-em10" "${first[@]}" --pruning magnitude
+    run "$task-lpaf-$p-ft-kd-prune0.25" "${lpaf[@]}" --option prune_fraction=0.25
   done
 done
