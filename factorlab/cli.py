@@ -670,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --sequential (act-svd): fit each layer to the dense model's outputs, "
         "correcting the error the compressed blocks before it pass on (holds a dense copy of "
-        "the model while calibrating)",
+        "the model for the run)",
     )
     _add_lpaf_args(p)
     _add_dsformer_args(p)

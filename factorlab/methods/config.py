@@ -55,8 +55,8 @@ class FactorizationConfig:
             ``M = W (K + d I)(G + d I)^{-1}`` (``K = X^T X_c``, ``G = X_c^T X_c``, ``d`` the
             act-svd damping), then act-svd of ``M`` in the ``G + d I`` norm; ``M = W`` when no
             error has reached the layer. The error correction of GPTQ-style pipelines (Frantar
-            et al. 2023) applied to the low-rank fit; costs a dense copy of the model while
-            calibrating.
+            et al. 2023) applied to the low-rank fit. The caller keeps a dense copy of the model
+            for the cross statistics (a factorlab run holds it until the run ends).
     """
 
     method: ClassVar[str] = ""

@@ -110,7 +110,12 @@ def compensated_weight(
     objective of any ``A B`` is ``const + ||(M - A B) C||_F^2`` with ``C C^T = gram + d I``, so
     the best rank-r ``A B`` is ``activation_svd(M, r, gram, eps)``. ``M = W`` when
     ``X_c = X``. The ridge pulls toward ``W``, not toward 0, so directions the calibration data
-    does not reach keep ``W``.
+    does not reach keep ``W``; with ``eps = 0`` (or an all-zero ``gram``) a ridge of
+    ``1e-12 * max(diag gram, 1)`` keeps the solve defined.
+
+    Source: the error feedback of GPTQ (Frantar et al. 2023, §3: later weights absorb the error
+    of earlier ones) applied across layers, solved in closed form for the low-rank fit of
+    activation-aware SVD (SVD-LLM, Wang et al. 2024); ours, METHODS.md §5 gives act-svd only.
 
     Raises:
         ValueError: shapes do not fit, ``eps`` negative or non-finite statistics.
