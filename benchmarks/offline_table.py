@@ -38,6 +38,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from filelock import FileLock
 
 from factorlab.calibration import (
     CalibrationConfig,
@@ -126,7 +127,22 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
 }
+# The sensitivity rows above interpolate each measured curve linearly between its candidate ranks
+# (the default before "spectrum"); they keep that so their numbers stay reproducible.
+for _, _options in VARIANTS.values():
+    if _options.get("allocation") == "sensitivity":
+        _options["sensitivity_interpolation"] = "linear"
+SPECTRUM = {"allocation": "sensitivity", "sensitivity_samples": 128, "sequential": True}
+VARIANTS |= {
+    # the default interpolation: in proportion to the whitened spectrum between candidate ranks
+    "act-svd-seq-sens128-spec": ("act-svd", SPECTRUM),
+    "act-svd-seq-sens128-comp-spec": ("act-svd", {**SPECTRUM, "compensate": True}),
+}
 """Table row name -> (registered method, options beyond param_ratio)."""
+
+
+CURVE_FREE = ("param_ratio", "sensitivity_interpolation")
+"""Options that do not change a sensitivity curve: rows differing only in these share one."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -198,9 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     done = {_row_key(r) for r in rows if "options" in r}
 
     def add(row: dict[str, Any]) -> None:
-        rows.append(row)
-        done.add(_row_key(row))
-        write_json_atomic(out, {"rows": rows})
+        # several single-thread invocations may share one JSON file (other tasks or rows): each
+        # write rereads it under a lock and adds its row, so none overwrites another's rows
+        with FileLock(f"{out}.lock"):
+            if out.is_file():
+                rows[:] = json.loads(out.read_text())["rows"]
+                done.update(_row_key(r) for r in rows if "options" in r)
+            if _row_key(row) not in done:
+                rows.append(row)
+                done.add(_row_key(row))
+            write_json_atomic(out, {"rows": rows})
 
     for task_name in args.tasks:
         task = get_task(task_name)
@@ -272,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{task.name}] calibration: {time.perf_counter() - start:.0f}s", flush=True)
         del model
         probes: dict[int, Any] = {}  # sensitivity probe batches by sample count, per task
+        # measured sensitivity curves, per task, shared by the rows whose projection and probe
+        # are the same (they do not depend on the budget or the interpolation)
+        curves: dict[str, Any] = {}
         for ratio, variant in todo:
             options = _options(variant, ratio, args)
             model = load(path)
@@ -286,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                         tokenizer, calibration, args.data_dir, args.max_seq_length, samples
                     )
                 probe = probes[samples]
+            shared = {k: v for k, v in options.items() if k not in CURVE_FREE}
+            cache = curves.setdefault(json.dumps([VARIANTS[variant][0], shared]), {})
             if options.get("sequential"):  # block l calibrated on the compressed blocks < l
                 reference = copy.deepcopy(model) if options.get("compensate") else None
 
@@ -296,9 +324,11 @@ def main(argv: list[str] | None = None) -> int:
                         model, data, names, fisher=False, progress=False, reference=dense
                     )
 
-                report = factorize_(model, config, calibrate=calibrate, probe=probe)
+                report = factorize_(
+                    model, config, calibrate=calibrate, probe=probe, sensitivity_curves=cache
+                )
             else:
-                report = factorize_(model, config, stats, probe=probe)
+                report = factorize_(model, config, stats, probe=probe, sensitivity_curves=cache)
             seconds = time.perf_counter() - start
             score = evaluate(model, dev, tokenizer)[task.main_metric]
             row = {

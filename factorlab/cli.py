@@ -252,6 +252,8 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         options["sensitivity_samples"] = args.sensitivity_samples
     if getattr(args, "sensitivity_fractions", None) is not None:
         options["sensitivity_fractions"] = args.sensitivity_fractions
+    if getattr(args, "sensitivity_interpolation", None) is not None:
+        options["sensitivity_interpolation"] = args.sensitivity_interpolation
     if getattr(args, "sequential", False):
         options["sequential"] = True
     if getattr(args, "compensate", False):
@@ -657,6 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="--allocation sensitivity: candidate ranks measured per matrix, as fractions in "
         "(0, 1] of its largest useful rank, default 0.1 0.2 0.3 0.4 0.5 0.6 0.8 1.0 "
         "(factorlab.sensitivity.DEFAULT_FRACTIONS)",
+    )
+    p.add_argument(
+        "--sensitivity-interpolation",
+        choices=["spectrum", "linear"],
+        help="--allocation sensitivity: spread each measured loss curve between its candidate "
+        "ranks in proportion to the method's own truncation-error drops (spectrum, default) or "
+        "evenly (linear)",
     )
     p.add_argument(
         "--sequential",

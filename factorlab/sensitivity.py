@@ -16,6 +16,16 @@ and these gains feed the same greedy as ``global`` allocation, which is exact fo
 No matrix goes below its smallest measured rank (nothing is known there; as in ASVD, the
 smallest candidate ratio is a floor).
 
+Between two measured ranks the loss is known only at the ends. ``interpolation="linear"`` spreads
+a segment's loss drop evenly over its units, so the greedy fills whole segments and stops only at
+measured ranks. ``"spectrum"`` (the default; our design) spreads it in proportion to the method's
+own truncation-error drops on those units (``Spectrum.gains``: ``sigma^2`` of the weight, the
+Fisher-weighted or the whitened weight), assuming that within a segment the output follows the
+matrix's own error; an isotonic (pool-adjacent-violators) fit then makes the gains
+non-increasing again where the pieces meet, keeping each pooled stretch's total drop. On SST-2 at
+param_ratio 0.5 (act-svd, sequential, 128 probe examples) it keeps 99.3% of dense against 98.9%
+with linear interpolation (README, act-svd card).
+
 The divergence, on the probe batches' real (unpadded) positions (ours, label-free so that any
 calibration text works): KL(dense || compressed) of the softmax of the logits for classifiers
 and language models; the MSE of the score for a regression head (one logit, STS-B); the
@@ -43,6 +53,12 @@ if TYPE_CHECKING:  # the methods package imports this module
 
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 """Candidate ranks, as fractions of each matrix's largest useful rank (``Spectrum.max_rank``)."""
+
+INTERPOLATIONS = ("spectrum", "linear")
+"""How a measured loss curve is spread over the ranks between its points (module docstring)."""
+
+Curves = dict[str, tuple[list[int], list[float]]]
+"""``{target name: (candidate ranks, measured divergences)}`` (``sensitivity_spectra``)."""
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -134,21 +150,36 @@ class OutputProbe:
         return total / max(count, 1e-30)
 
 
-def curve_spectrum(ranks: Sequence[int], losses: Sequence[float], base: Spectrum) -> Spectrum:
+def curve_spectrum(
+    ranks: Sequence[int],
+    losses: Sequence[float],
+    base: Spectrum,
+    interpolation: str = "spectrum",
+) -> Spectrum:
     """Per-unit gains from a matrix's measured loss curve, for ``allocate_global``.
 
     Args:
         ranks: increasing candidate ranks, each in ``[1, base.max_rank]``.
         losses: the measured divergence at each rank.
         base: the method's spectrum of the matrix (its cost per unit of rank, ``max_rank`` and
-            dense size are kept; its gains are replaced).
+            dense size are kept; its gains shape the curve between measured ranks).
+        interpolation: ``"spectrum"`` or ``"linear"`` (module docstring).
 
     Returns:
-        A ``Spectrum`` whose ``gains[j]`` (rank ``j -> j + 1``) is the slope of the lower convex
-        hull of the points ``(rank, loss)`` between the measured ranks around ``j`` (infinite
-        below the smallest measured rank, a floor; 0 above the largest), so gains are
+        A ``Spectrum`` whose gains (rank ``j -> j + 1``) sum, over each segment between
+        consecutive ranks of the lower convex hull of the points ``(rank, loss)``, to the
+        segment's loss drop: evenly (``"linear"``, the hull's slope) or in proportion to
+        ``base.gains`` there (``"spectrum"``, then made non-increasing by an isotonic fit).
+        Gains are infinite below the smallest measured rank (a floor), 0 above the largest,
         non-increasing and non-negative.
+
+    Raises:
+        ConfigError: an unknown ``interpolation``.
     """
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(
+            f"sensitivity_interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}"
+        )
     points = sorted(zip(ranks, losses, strict=True))
     hull: list[tuple[int, float]] = []
     for r, loss in points:
@@ -160,12 +191,23 @@ def curve_spectrum(ranks: Sequence[int], losses: Sequence[float], base: Spectrum
             else:
                 break
         hull.append((r, loss))
-    segments = list(itertools.pairwise(hull))
-    slopes = [max((l1 - l2) / (r2 - r1), 0.0) for (r1, l1), (r2, l2) in segments]
     gains = torch.zeros(base.max_rank, dtype=torch.float64)
     gains[: hull[0][0]] = math.inf  # below the smallest measured rank: nothing is known
-    for ((r1, _), (r2, _)), slope in zip(segments, slopes, strict=True):
-        gains[r1:r2] = slope
+    for (r1, l1), (r2, l2) in itertools.pairwise(hull):
+        drop = max(l1 - l2, 0.0)
+        shape = base.gains[r1:r2].double().clamp_min(0.0)
+        if interpolation == "spectrum" and torch.isfinite(shape).all() and shape.sum() > 0:
+            gains[r1:r2] = drop * shape / shape.sum()
+        else:
+            gains[r1:r2] = drop / (r2 - r1)
+    known = slice(hull[0][0], base.max_rank)
+    if interpolation == "spectrum" and gains[known].numel():
+        from sklearn.isotonic import isotonic_regression
+
+        fitted = isotonic_regression(gains[known].numpy(), increasing=False)
+        gains[known] = torch.from_numpy(fitted.copy()).clamp_min(
+            0.0
+        )  # sklearn returns a reversed view
     # later segments of a convex hull are never steeper; clamp rounding noise so the greedy's
     # optimality condition (non-increasing gains) holds exactly
     gains = torch.cummin(gains, dim=0).values
@@ -182,6 +224,8 @@ def sensitivity_spectra(
     batches: Sequence[Batch],
     base: Mapping[str, Spectrum],
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    interpolation: str = "spectrum",
+    curves: Curves | None = None,
 ) -> dict[str, Spectrum]:
     """Measure every target's loss curve and turn it into allocation gains.
 
@@ -197,32 +241,52 @@ def sensitivity_spectra(
         batches: probe batches (see ``OutputProbe``).
         base: the method's spectrum per target name (cost per unit of rank, ``max_rank``).
         fractions: candidate ranks as fractions of each matrix's ``max_rank``.
+        interpolation: how each curve is spread between its measured ranks
+            (``curve_spectrum``).
+        curves: a cache of measured curves (``Curves``), read and filled: a target whose entry
+            has the same candidate ranks is not measured again. The curves do not depend on
+            ``param_ratio``, so one cache serves every budget, but only for the same model,
+            probe batches, method, projection options and statistics: the caller keeps it to
+            those.
 
     Returns:
         ``{target name: Spectrum}`` with gains from the measured curve (``curve_spectrum``).
-        Cost: ``len(targets) x len(fractions)`` projections and passes over ``batches``.
+        Cost: ``len(targets) x len(fractions)`` projections and passes over ``batches``, for
+        the targets not in ``curves``.
+
+    Raises:
+        ConfigError: an unknown ``interpolation`` (before any measurement).
     """
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(
+            f"sensitivity_interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}"
+        )
+    curves = {} if curves is None else curves
     training = model.training
     model.eval()
     try:
-        probe = OutputProbe(model, batches)
+        probe: OutputProbe | None = None
         spectra = {}
         for target in targets:
             spectrum = base[target.name]
             ranks = sorted(
                 {min(max(1, round(f * spectrum.max_rank)), spectrum.max_rank) for f in fractions}
             )
-            stats = calibration.get(target.name) if calibration else None
-            losses = []
-            for rank in ranks:
-                layer = method.build(target.weight, target.module.bias, rank, config, stats).layer
-                layer = layer.to(device=target.weight.device, dtype=target.weight.dtype).eval()
-                model.set_submodule(target.name, layer)
-                try:
-                    losses.append(probe(model))
-                finally:
-                    model.set_submodule(target.name, target.module)
-            spectra[target.name] = curve_spectrum(ranks, losses, spectrum)
+            cached = curves.get(target.name)
+            if cached is None or list(cached[0]) != ranks:
+                probe = probe or OutputProbe(model, batches)
+                stats = calibration.get(target.name) if calibration else None
+                losses = []
+                for rank in ranks:
+                    built = method.build(target.weight, target.module.bias, rank, config, stats)
+                    layer = built.layer.to(device=target.weight.device, dtype=target.weight.dtype)
+                    model.set_submodule(target.name, layer.eval())
+                    try:
+                        losses.append(probe(model))
+                    finally:
+                        model.set_submodule(target.name, target.module)
+                curves[target.name] = (ranks, losses)
+            spectra[target.name] = curve_spectrum(*curves[target.name], spectrum, interpolation)
         return spectra
     finally:
         model.train(training)

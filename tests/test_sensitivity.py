@@ -67,6 +67,80 @@ def test_curve_spectrum_is_the_lower_convex_hull():
     assert flat.gains[2:5].sum() == pytest.approx(0.25 * 3)
 
 
+def test_spectrum_interpolation_follows_the_method_error_between_measured_ranks():
+    """A loss curve that IS the method's tail error: spectrum interpolation gives back the
+    method's own gains between the measured ranks, linear only their segment means; both spend
+    exactly each segment's measured drop."""
+    sigma2 = torch.tensor([64.0, 32.0, 16.0, 8.0, 4.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    base = Spectrum(sigma2, cost=5, max_rank=8, dense_params=100)
+    ranks = [1, 4, 8]
+    losses = [sigma2[r:].sum().item() for r in ranks]  # the squared truncation error at r
+    spectrum = curve_spectrum(ranks, losses, base)
+    linear = curve_spectrum(ranks, losses, base, interpolation="linear")
+    torch.testing.assert_close(spectrum.gains[1:], sigma2[1:])
+    assert spectrum.gains[0] == math.inf and linear.gains[0] == math.inf
+    torch.testing.assert_close(linear.gains[1:4], torch.full((3,), 56.0 / 3, dtype=torch.float64))
+    for gains in (spectrum.gains, linear.gains):
+        assert gains[1:4].sum().item() == pytest.approx(losses[0] - losses[1])
+        assert gains[4:8].sum().item() == pytest.approx(losses[1] - losses[2])
+    # so a budget that ends inside a segment stops at its steepest units, not at a measured rank
+    other = Spectrum(torch.ones(8, dtype=torch.float64), cost=5, max_rank=8, dense_params=100)
+    flat = curve_spectrum([1, 8], [7.0 * 20.0, 0.0], other, interpolation="linear")  # 20 a unit
+    budget = 5 * (1 + 1 + 2)  # the floors, then two more units: a's 32 beats b's 20, 18.7 not
+    assert allocate_global({"a": spectrum, "b": flat}, budget) == {"a": 2, "b": 2}
+    assert allocate_global({"a": linear, "b": flat}, budget) == {"a": 1, "b": 3}
+
+
+def test_spectrum_interpolation_pools_where_the_pieces_meet():
+    """A flat segment's spread can start above the previous segment's end: the isotonic fit
+    makes the gains non-increasing and keeps the total drop."""
+    base = Spectrum(torch.tensor([1.0, 1.0, 1.0, 100.0, 1.0, 1.0], dtype=torch.float64), 1, 6, 100)
+    spec = curve_spectrum([1, 3, 6], [10.0, 6.0, 3.0], base)
+    gains = spec.gains[1:]
+    assert (gains[1:] <= gains[:-1]).all(), gains
+    assert gains.sum().item() == pytest.approx(10.0 - 3.0)
+    with pytest.raises(ConfigError, match="sensitivity_interpolation must be one of"):
+        curve_spectrum([1, 3], [1.0, 0.0], base, interpolation="cubic")
+
+
+def test_measured_curves_are_cached_across_budgets(monkeypatch):
+    """With a curve cache, the second budget and the other interpolation measure nothing, and
+    give the same ranks as measuring afresh."""
+    from factorlab import sensitivity
+
+    measured = []
+    original = sensitivity.OutputProbe.__call__
+    monkeypatch.setattr(
+        sensitivity.OutputProbe,
+        "__call__",
+        lambda self, model: measured.append(1) or original(self, model),
+    )
+    curves: dict = {}
+    first = plan_modules(
+        sensitive_bert(),
+        LowRankConfig(param_ratio=0.5, allocation="sensitivity"),
+        probe=probe_batches(),
+        sensitivity_curves=curves,
+    )
+    calls = len(measured)
+    assert calls == 8 * len(first[0]) and set(curves) == {t.name for t in first[0]}
+    for ratio, interpolation in ((0.3, "spectrum"), (0.3, "linear")):
+        config = LowRankConfig(
+            param_ratio=ratio, allocation="sensitivity", sensitivity_interpolation=interpolation
+        )
+        cached = plan_modules(
+            sensitive_bert(), config, probe=probe_batches(), sensitivity_curves=curves
+        )
+        assert len(measured) == calls  # nothing measured again
+        fresh = plan_modules(sensitive_bert(), config, probe=probe_batches())
+        assert cached[2] == fresh[2]
+        calls = len(measured)
+    # other candidate ranks are measured, not taken from the cache
+    config = LowRankConfig(param_ratio=0.3, allocation="sensitivity", sensitivity_fractions=[1.0])
+    plan_modules(sensitive_bert(), config, probe=probe_batches(), sensitivity_curves=curves)
+    assert len(measured) == calls + len(first[0])
+
+
 def test_divergence_kinds():
     logits = torch.tensor([[2.0, -1.0], [0.5, 0.5]])
     assert divergence(logits, logits, None) == pytest.approx(0.0, abs=1e-7)
@@ -175,6 +249,10 @@ def test_sensitivity_refuses_what_it_cannot_do():
             LowRankConfig(allocation="sensitivity", sensitivity_fractions=fractions)
     with pytest.raises(ConfigError, match="candidate ranks of allocation='sensitivity'"):
         LowRankConfig(allocation="global", sensitivity_fractions=[0.5, 1.0])
+    with pytest.raises(ConfigError, match="sensitivity_interpolation must be one of"):
+        LowRankConfig(allocation="sensitivity", sensitivity_interpolation="cubic")
+    with pytest.raises(ConfigError, match="measured curves of allocation='sensitivity'"):
+        LowRankConfig(allocation="global", sensitivity_interpolation="linear")
     with pytest.raises(ConfigError, match="cannot be staged"):
         check_stageable(LowRankConfig(allocation="sensitivity"))
     with pytest.raises(ConfigError, match="pruned matrices"):
@@ -196,7 +274,14 @@ def test_cli_sensitivity_run(tmp_path, tiny_model_dir, tiny_glue_dir):
     argv = ["compress", "--model", str(tiny_model_dir), "--task", "rte"]
     argv += ["--data-dir", str(tiny_glue_dir), "--param-ratio", "0.4"]
     argv += ["--allocation", "sensitivity", "--sensitivity-samples", "16"]
-    argv += ["--sensitivity-fractions", "1.0", "0.25", "0.5"]
+    argv += [
+        "--sensitivity-fractions",
+        "1.0",
+        "0.25",
+        "0.5",
+        "--sensitivity-interpolation",
+        "linear",
+    ]
     argv += ["--epochs", "1", "--batch-size", "8", "--max-seq-length", "32", "--no-progress"]
     assert main([*argv, "--output", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -204,6 +289,7 @@ def test_cli_sensitivity_run(tmp_path, tiny_model_dir, tiny_glue_dir):
     assert factorization["config"]["allocation"] == "sensitivity"
     assert factorization["config"]["sensitivity_samples"] == 16
     assert factorization["config"]["sensitivity_fractions"] == [0.25, 0.5, 1.0]
+    assert factorization["config"]["sensitivity_interpolation"] == "linear"
     assert results["calibration"]["task"] == "rte"
     assert len({m["rank"] for m in factorization["modules"]}) > 1
 

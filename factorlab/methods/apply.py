@@ -17,7 +17,7 @@ from factorlab.errors import ConfigError
 from factorlab.layers.base import FactorizedLinear
 from factorlab.methods.config import FactorizationConfig
 from factorlab.methods.registry import GroupMember, ModuleBudget, Projected, get_method
-from factorlab.sensitivity import DEFAULT_FRACTIONS, sensitivity_spectra
+from factorlab.sensitivity import DEFAULT_FRACTIONS, Curves, sensitivity_spectra
 from factorlab.targets import budget_for, group_by_block, select_targets
 
 
@@ -140,6 +140,7 @@ def plan_modules(
     calibration: dict[str, Any] | None = None,
     statistics_later: bool = False,
     probe: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    sensitivity_curves: Curves | None = None,
 ) -> tuple[list[Any], list[ModuleBudget], list[int | None]]:
     """Select the targets of ``config`` in ``model`` and plan each one's rank, touching nothing.
 
@@ -150,7 +151,8 @@ def plan_modules(
     ``floor(param_ratio * sum m n)`` parameters with ``factorlab.allocation.allocate_global``;
     on meta weights it checks only the targets (and returns no budgets or ranks). Sensitivity
     allocation spends the same budget on the model's output change per matrix and rank,
-    measured on ``probe`` batches (``factorlab.sensitivity``; the model is left as it was).
+    measured on ``probe`` batches (``factorlab.sensitivity``; the model is left as it was);
+    ``sensitivity_curves`` caches the measured curves (read and filled: ``sensitivity_spectra``).
 
     ``statistics_later``: the statistics come block by block after planning (uniform
     allocation only), so none are required now.
@@ -207,6 +209,8 @@ def plan_modules(
                 probe,
                 spectra,  # type: ignore[arg-type]
                 config.sensitivity_fractions or DEFAULT_FRACTIONS,
+                config.sensitivity_interpolation,
+                sensitivity_curves,
             )
         budget = math.floor(config.param_ratio * sum(s.dense_params for s in spectra.values()))
         ranks = allocate_global(
@@ -240,6 +244,7 @@ def factorize_(
     calibrate: Callable[[list[str]], dict[str, Any]] | None = None,
     stream: bool | None = None,
     probe: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    sensitivity_curves: Curves | None = None,
 ) -> FactorizationReport:
     """Replace the targeted linear layers of ``model`` by factorized layers, in place.
 
@@ -279,6 +284,10 @@ def factorize_(
             (unless ``config.sequential``), ``None`` decides by size (above).
         probe: tokenized batches on which ``allocation="sensitivity"`` measures the output
             (``factorlab.sensitivity``); unused otherwise.
+        sensitivity_curves: with sensitivity allocation, a cache of the measured loss curves,
+            read and filled, so that several budgets (``param_ratio``) or interpolations of the
+            same model, probe, method and statistics measure them once; the caller keeps it to
+            those (``factorlab.sensitivity.sensitivity_spectra``).
 
     Returns:
         A ``FactorizationReport`` with one ``ModuleReport`` per target;
@@ -318,6 +327,7 @@ def factorize_(
         calibration,
         statistics_later=streaming and not plan_on_whole,
         probe=probe,
+        sensitivity_curves=sensitivity_curves,
     )
     if plan_on_whole:
         calibration = None  # free the dense statistics before the block-by-block pass

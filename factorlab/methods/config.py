@@ -44,6 +44,10 @@ class FactorizationConfig:
             matrix, as fractions in (0, 1] of its largest useful rank (``None``:
             ``factorlab.sensitivity.DEFAULT_FRACTIONS``, 8 candidates). More candidates follow
             each loss curve more closely, at one projection and probe pass each.
+        sensitivity_interpolation: with sensitivity allocation, how each measured loss curve is
+            spread over the ranks between its points: ``"spectrum"`` (default: in proportion to
+            the method's own truncation-error drops) or ``"linear"`` (evenly, the convex hull's
+            slope); ``factorlab.sensitivity``.
         sequential: data-aware methods that read Gram statistics only (act-svd; see
             ``factorize_``): calibrate block ``l`` on the outputs of the already-compressed
             blocks ``1 .. l-1`` (SVD-LLM v2, GPTQ-style pipelines). Under global or sensitivity
@@ -71,6 +75,7 @@ class FactorizationConfig:
     allocation_normalize: bool = False
     sensitivity_samples: int = 64
     sensitivity_fractions: list[float] | None = None
+    sensitivity_interpolation: str = "spectrum"
     sequential: bool = False
     compensate: bool = False
 
@@ -115,6 +120,19 @@ class FactorizationConfig:
                     "--allocation sensitivity"
                 )
             self.sensitivity_fractions = sorted({float(f) for f in fractions})
+        from factorlab.sensitivity import INTERPOLATIONS
+
+        if self.sensitivity_interpolation not in INTERPOLATIONS:
+            raise ConfigError(
+                f"sensitivity_interpolation must be one of {INTERPOLATIONS}, got "
+                f"{self.sensitivity_interpolation!r}"
+            )
+        if self.sensitivity_interpolation != "spectrum" and self.allocation != "sensitivity":
+            raise ConfigError(
+                "sensitivity_interpolation shapes the measured curves of "
+                f"allocation='sensitivity', not of allocation={self.allocation!r}: drop it or "
+                "use --allocation sensitivity"
+            )
         if isinstance(self.param_ratio, bool) or not isinstance(self.param_ratio, (int, float)):
             raise ConfigError(f"param_ratio must be a number in (0, 1], got {self.param_ratio!r}")
         if not 0.0 < self.param_ratio <= 1.0:
