@@ -12,6 +12,7 @@ Usage (from the repository root; GLUE_DIR defaults to ../shared/data/glue):
     python benchmarks/offline_table.py --tasks rte mrpc sst2 --ratios 0.5 0.25
     python benchmarks/offline_table.py --tasks cola stsb --make-dense       # fine-tunes them first
     python benchmarks/offline_table.py --tasks rte --dense rte=/tmp/rte-dense-small --ratios 0.5
+    python benchmarks/offline_table.py --tasks rte mrpc --methods act-svd --print  # no work
 
 It prints a markdown table, one row per task, ratio and method (dev score, the fraction of the
 dense score kept, parameters kept, mean relative weight error, seconds to compress), plus
@@ -164,6 +165,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--act-eps", type=float, help="act-svd damping (default: the config's)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--json", help="write the rows here (default RUNS/offline_table.json)")
+    p.add_argument(
+        "--print",
+        action="store_true",
+        help="compute nothing: print the table of the rows already measured for --tasks, "
+        "--ratios and --methods (one column per task)",
+    )
     return p.parse_args(argv)
 
 
@@ -212,6 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     # invocations (other tasks, ratios or methods) and an interrupted one resumes.
     rows: list[dict[str, Any]] = json.loads(out.read_text())["rows"] if out.is_file() else []
     done = {_row_key(r) for r in rows if "options" in r}
+    if args.print:
+        chosen = [
+            r
+            for r in rows
+            if r["task"] in args.tasks
+            and (r["method"] in ("dense", "constant") or r["method"] in args.methods)
+            and (r["ratio"] == 1.0 or r["ratio"] in args.ratios)
+        ]
+        print(format_pivot(chosen))
+        return 0
 
     def add(row: dict[str, Any]) -> None:
         # several single-thread invocations may share one JSON file (other tasks or rows): each
@@ -394,7 +411,7 @@ def format_pivot(rows: list[dict[str, Any]]) -> str:
         row = []
         for t in tasks:
             r = cells.get((ratio, method, t))
-            kept = "" if r is None or method == "dense" else f" ({100 * r['kept_score']:.0f}%)"
+            kept = "" if r is None or method == "dense" else f" ({100 * r['kept_score']:.1f}%)"
             row.append("-" if r is None else f"{100 * r['score']:.1f}{kept}")
         label = "1" if method in ("dense", "constant") else f"{ratio:g}"
         lines.append(f"| {label} | {method} | " + " | ".join(row) + " |")
