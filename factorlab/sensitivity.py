@@ -24,7 +24,7 @@ Fisher-weighted or the whitened weight), assuming that within a segment the outp
 matrix's own error; an isotonic (pool-adjacent-violators) fit then makes the gains
 non-increasing again where the pieces meet, keeping each pooled stretch's total drop. On SST-2 at
 param_ratio 0.5 (act-svd, sequential, 128 probe examples) it keeps 99.3% of dense against 98.9%
-with linear interpolation (README, act-svd card).
+with linear interpolation (README, Offline compression without fine-tuning).
 
 The divergence, on the probe batches' real (unpadded) positions (ours, label-free so that any
 calibration text works): KL(dense || compressed) of the softmax of the logits for classifiers
@@ -205,9 +205,8 @@ def curve_spectrum(
         from sklearn.isotonic import isotonic_regression
 
         fitted = isotonic_regression(gains[known].numpy(), increasing=False)
-        gains[known] = torch.from_numpy(fitted.copy()).clamp_min(
-            0.0
-        )  # sklearn returns a reversed view
+        # .copy(): sklearn returns a reversed (negative-stride) view, which torch cannot wrap
+        gains[known] = torch.from_numpy(fitted.copy()).clamp_min(0.0)
     # later segments of a convex hull are never steeper; clamp rounding noise so the greedy's
     # optimality condition (non-increasing gains) holds exactly
     gains = torch.cummin(gains, dim=0).values
