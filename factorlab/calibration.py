@@ -422,6 +422,18 @@ def _sum_or_zeros(
     return grams[name].new_zeros(grams[name].shape[0])
 
 
+def as_own_reference(statistics: dict[str, ModuleStatistics]) -> dict[str, ModuleStatistics]:
+    """``statistics`` of a model that is still its own (dense) reference, as if collected with
+    ``reference=``: the module inputs are the reference's, so each ``cross`` is the ``gram`` and
+    each ``reference_sum`` the ``input_sum`` (the same tensors, not copies). Saves error
+    compensation the reference's forward pass and the cross Grams' memory wherever nothing has
+    been compressed yet (its planning pass, its first block). Updates and returns ``statistics``.
+    """
+    for s in statistics.values():
+        s.cross, s.reference_sum = s.gram, s.input_sum
+    return statistics
+
+
 def statistics_bytes(statistics: Mapping[str, ModuleStatistics]) -> int:
     """Bytes held by the statistics' tensors, each shared Gram counted once."""
     tensors = {

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from factorlab.calibration import (
     CalibrationConfig,
+    as_own_reference,
     probe_batches,
     resolve_calibration,
     run_calibration,
@@ -32,6 +33,7 @@ from factorlab.io import OutputLock, check_output_location
 from factorlab.methods import (
     FactorizationConfig,
     count_parameters,
+    factorized_modules,
     make_config,
     plan_modules,
     targeted_bytes,
@@ -361,7 +363,9 @@ def _execute(run: PreparedRun, progress: bool, log: Any) -> dict[str, Any]:
 
         def calibrate(model: nn.Module, modules: list[str] | None = None) -> dict[str, Any]:
             """Statistics for the targeted modules, or only ``modules`` (one stage)."""
-            return run_calibration(
+            # until its first block is swapped the model is the reference: no second pass
+            still_dense = reference is not None and not factorized_modules(model)
+            statistics = run_calibration(
                 model,
                 tokenizer,
                 run.factorization,
@@ -370,8 +374,9 @@ def _execute(run: PreparedRun, progress: bool, log: Any) -> dict[str, Any]:
                 training.max_seq_length,
                 progress=progress and main,
                 modules=modules,
-                reference=reference,
+                reference=None if still_dense else reference,
             )
+            return as_own_reference(statistics) if still_dense else statistics
 
     job, eval_data = None, {}
     if task is not None:

@@ -316,6 +316,40 @@ def test_cli_compensate_records_the_option_and_refuses_it_without_sequential(
     assert results["factorization"]["config"]["compensate"] is True
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "sensitivity"])
+def test_a_compensated_run_skips_the_reference_until_a_block_is_compressed(
+    tiny_model_dir, tiny_glue_dir, tmp_path, monkeypatch, allocation
+):
+    import factorlab.runs
+    from factorlab.checkpoint import load
+    from factorlab.cli import main
+
+    argv = ["compress", "--model", str(tiny_model_dir), "--data-dir", str(tiny_glue_dir)]
+    argv += ["--calibration-task", "rte", "--method", "act-svd", "--no-progress"]
+    argv += ["--sequential", "--compensate", "--allocation", allocation]
+    collect = factorlab.runs.run_calibration
+    passes: list[bool] = []
+
+    def recorded(*args, **kwargs):
+        passes.append(kwargs["reference"] is not None)
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(factorlab.runs, "run_calibration", recorded)
+    assert main([*argv, "--output", str(tmp_path / "skipping")]) == 0
+    # the planning pass (global ranks) and block 1 see the dense model: no reference pass
+    planning = [False] if allocation != "uniform" else []
+    assert passes == [*planning, False, True]
+    # the same factors as a run whose every pass also runs the reference
+    monkeypatch.setattr(factorlab.runs, "factorized_modules", lambda model: {"any": None})
+    assert main([*argv, "--output", str(tmp_path / "always")]) == 0
+    assert passes[len(planning) + 2 :] == [True] * (len(planning) + 2)
+    skipping = load(tmp_path / "skipping").state_dict()
+    always = load(tmp_path / "always").state_dict()
+    assert skipping.keys() == always.keys()
+    for name, value in skipping.items():
+        assert_close(value, always[name], msg=name)
+
+
 def test_a_reference_of_another_architecture_is_refused_and_leaves_no_hooks():
     model = tiny_bert(num_layers=4)
     with pytest.raises(fl.ConfigError, match="reference model has no module"):
