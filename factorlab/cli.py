@@ -597,11 +597,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     output = args.output or str(Path("runs") / Path(args.config).stem)
     lane = parse_lane(args.lane) if args.lane else None
     summary = run_sweep(
-        args.config, output, progress=args.progress, lane=lane, methods=args.methods
+        args.config,
+        output,
+        progress=args.progress,
+        lane=lane,
+        methods=args.methods,
+        record=args.record,
     )
     print(
         f"sweep {output}: {len(summary.executed)} runs done, {len(summary.skipped)} cached; "
-        f"`factorlab report {output}` for tables and plots"
+        f"`factorlab report {args.record or output}` for tables and plots"
     )
     return 0
 
@@ -819,6 +824,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="NAME",
         help="run only these methods of the sweep (e.g. dense: the baselines, to check recipes)",
+    )
+    p.add_argument(
+        "--record",
+        metavar="DIR",
+        help="keep every finished run's results.json and bench.json (no checkpoint) in DIR, "
+        "a folder to commit: runs recorded there are not run again even where their folders "
+        "are gone, and `factorlab report DIR` reads it",
     )
     p.set_defaults(func=cmd_sweep)
     return parser

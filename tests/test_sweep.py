@@ -2,12 +2,14 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import yaml
 
 from factorlab.bench import sweep as sweep_mod
 from factorlab.bench.report import (
+    collect_benches,
     collect_results,
     comparison_table,
     reconstruction_error_curve,
@@ -300,6 +302,55 @@ def test_runs_from_the_dense_run_wait_for_it_and_stay_cached(
     assert again.calls == [] and summary.skipped == [dense_name, student_name]
 
 
+def test_a_record_resumes_a_sweep_whose_run_folders_are_gone(
+    tmp_path, tiny_model_dir, tiny_glue_dir, capsys, monkeypatch
+):
+    path = write_sweep(
+        tmp_path,
+        tiny_model_dir,
+        tiny_glue_dir,
+        methods=["dense", {"name": "low-rank", "start": "dense"}],
+    )
+    out, record = tmp_path / "out", tmp_path / "record"
+    first = CountingExecute()
+    summary = run_sweep(path, out, execute_fn=first, record=record)
+    dense, half, quarter = summary.executed
+    for name in summary.executed:  # the record holds the results, not the checkpoints
+        assert [p.name for p in (record / name).iterdir()] == [RESULTS_FILE]
+        assert (record / name / RESULTS_FILE).read_text() == (out / name / RESULTS_FILE).read_text()
+    assert len(collect_results(record)) == 3  # `factorlab report RECORD` reads it
+
+    shutil.rmtree(out)  # a machine that lost its run folders: nothing runs again
+    again = CountingExecute()
+    summary = run_sweep(path, out, execute_fn=again, record=record)
+    assert again.calls == [] and summary.skipped == [dense, half, quarter]
+    assert (
+        summary.results[half]["metrics"]
+        == json.loads((record / half / RESULTS_FILE).read_text())["metrics"]
+    )
+    assert "skipped (recorded in" in capsys.readouterr().out
+    monkeypatch.setattr(sweep_mod, "execute", again)  # the same through the CLI
+    assert main(["sweep", str(path), "--output", str(out), "--record", str(record)]) == 0
+    assert again.calls == [] and f"factorlab report {record}" in capsys.readouterr().out
+
+    # a compressed run still to do needs its dense checkpoint: the dense run runs again
+    shutil.rmtree(record / quarter)
+    third = CountingExecute()
+    summary = run_sweep(path, out, execute_fn=third, record=record)
+    assert summary.executed == [dense, quarter] and summary.skipped == [half]
+    assert "reproduces its record" in capsys.readouterr().out  # CPU runs are deterministic
+    assert (record / quarter / RESULTS_FILE).is_file()
+
+    # runs already in their folders fill a new record without running again
+    fourth = CountingExecute()
+    summary = run_sweep(path, out, execute_fn=fourth, record=tmp_path / "new")
+    assert summary.executed == [half] and summary.skipped == [dense, quarter]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == sorted([dense, half, quarter])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is a file"):
+        run_sweep(path, out, execute_fn=fourth, record=tmp_path / "file")
+
+
 def test_lanes_split_task_and_seed_groups(tmp_path, tiny_model_dir, tiny_glue_dir):
     spec = parse_sweep(
         {
@@ -358,6 +409,15 @@ def test_report_tables_and_plots(tmp_path, tiny_model_dir, tiny_glue_dir, capsys
     bench = json.loads((out / summary.benched[1] / "bench.json").read_text())
     assert bench["factorized"] and bench["settings"]["runs"] == 3
     assert run_sweep(load_sweep(path), out).benched == []  # benchmarks are cached too
+    record = tmp_path / "record"
+    run_sweep(load_sweep(path), out, record=record)  # the record takes the benchmarks too
+    benched = summary.benched[1]
+    assert (record / benched / "bench.json").read_text() == (
+        out / benched / "bench.json"
+    ).read_text()
+    bare = run_sweep(load_sweep(path), tmp_path / "bare", record=record)
+    assert bare.executed == [] and bare.benched == []  # nothing to run or benchmark again
+    assert collect_benches(record, collect_results(record))  # the report finds its latency
 
     assert main(["report", str(out)]) == 0
     printed = capsys.readouterr().out

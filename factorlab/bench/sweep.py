@@ -6,7 +6,9 @@ short hash of the run's config (``rte-low-rank-0.5-s42-1a2b3c4d``). A run whose 
 holds a ``results.json`` with the same config is skipped; ``execute`` writes the checkpoint and
 ``results.json`` in one atomic rename, so a killed sweep, started again, redoes only the run that
 was interrupted. Changing anything in a run's config changes its hash, hence its folder: the old
-result stays and the new run is made.
+result stays and the new run is made. With a record (``run_sweep(record=...)``, CLI
+``--record DIR``; ``factorlab.bench.record``) the finished runs' results are also kept without
+their checkpoints, and a run found there is skipped even where its folder is gone.
 
 YAML schema (unknown keys are errors)::
 
@@ -58,11 +60,12 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from factorlab.bench.record import write_record
 from factorlab.errors import ConfigError, DataError
 from factorlab.runs import RESULTS_FILE, PreparedRun, RunConfig, execute, prepare_run
 
@@ -475,10 +478,11 @@ def _with_dense_folder(config: RunConfig, folder: str) -> RunConfig:
     return config
 
 
-def is_cached(run: SweepRun) -> bool:
-    """Whether ``run``'s folder holds a ``results.json`` with exactly its config (the folder of
-    its dense run compared by name, so a moved sweep folder stays cached)."""
-    path = run.output / RESULTS_FILE
+def is_cached(run: SweepRun, folder: str | os.PathLike | None = None) -> bool:
+    """Whether ``run``'s folder (or ``folder``: its record) holds a ``results.json`` with exactly
+    its config (the folder of its dense run compared by name, so a moved sweep folder stays
+    cached)."""
+    path = Path(folder if folder is not None else run.output) / RESULTS_FILE
     if not path.is_file():
         return False
     try:
@@ -502,16 +506,38 @@ def _by_name(config: Any, dense: str | None) -> Any:
     return config
 
 
+def finished_runs(runs: list[SweepRun], record: str | os.PathLike | None = None) -> dict[str, Path]:
+    """``{run name: folder of its results.json}`` for the runs of ``runs`` that need not run: its
+    own folder (``is_cached``), else its folder in ``record`` (``factorlab.bench.record``), except
+    a dense run known only from the record while a run still to do starts or distils from it:
+    that one runs again, for its checkpoint."""
+    done: dict[str, Path] = {}
+    recorded_only = set()
+    for run in runs:
+        if is_cached(run):
+            done[run.name] = run.output
+        elif record is not None and is_cached(run, Path(record) / run.name):
+            done[run.name] = Path(record) / run.name
+            recorded_only.add(run.name)
+    needed = {r.after for r in runs if r.name not in done and r.after is not None}
+    for name in needed & recorded_only:
+        del done[name]
+    return done
+
+
 def _waits(run: SweepRun, output: Path) -> bool:
     """Whether ``run`` needs a dense run that has not finished yet."""
     return run.after is not None and not (output / run.after / RESULTS_FILE).is_file()
 
 
-def validate_sweep(runs: list[SweepRun], model: str | None = None) -> list[PreparedRun | None]:
+def validate_sweep(
+    runs: list[SweepRun], model: str | None = None, done: Collection[str] | None = None
+) -> list[PreparedRun | None]:
     """``prepare_run`` on every run, before anything is executed: method options, tasks, data and
     model are all checked first, so a typo in the last run does not surface hours later.
 
-    A finished run (``is_cached``) is not prepared again (``None`` in its place). A run whose
+    A finished run (named in ``done``; by default every ``is_cached`` run) is not prepared again
+    (``None`` in its place). A run whose
     dense run has not finished (``SweepRun.after``) is checked with the sweep's ``model`` in place
     of the dense model and without its teacher, released at once, and ``None`` is returned in its
     place: it is prepared for real once its dense run is done.
@@ -519,10 +545,12 @@ def validate_sweep(runs: list[SweepRun], model: str | None = None) -> list[Prepa
     Raises:
         ConfigError, DataError, OutputExistsError: as ``prepare_run``, naming the run.
     """
+    if done is None:
+        done = {r.name for r in runs if is_cached(r)}
     prepared: list[PreparedRun | None] = []
     for run in runs:
         try:
-            if is_cached(run):
+            if run.name in done:
                 prepared.append(None)
             elif _waits(run, run.output.parent):
                 stand_in = dataclasses.replace(run.config, model=model, distillation=None)
@@ -556,27 +584,30 @@ def _remove_partials(run: SweepRun) -> None:
 
 
 def bench_runs(
-    runs: list[SweepRun], settings: dict[str, Any], log: Callable[[str], None] = print
+    runs: list[SweepRun],
+    settings: dict[str, Any],
+    log: Callable[[str], None] = print,
+    record: Path | None = None,
 ) -> list[str]:
-    """Benchmark one checkpoint per (method variant, param_ratio) - its first run - against its
-    dense reference and write ``bench.json`` into that run's folder. Returns the run names
-    benchmarked now (a ``bench.json`` with the same settings is kept)."""
+    """Benchmark one checkpoint per (method variant, param_ratio) - its first run with a
+    checkpoint here - against its dense reference and write ``bench.json`` into that run's
+    folder. A ``bench.json`` with the same settings, in a run folder or in the ``record``, is
+    kept. Returns the run names benchmarked now."""
     from factorlab.bench.latency import bench, load_for_bench, write_json
 
-    done = []
-    seen: set[tuple[Any, ...]] = set()
+    groups: dict[tuple[Any, ...], list[SweepRun]] = {}
     for run in runs:
-        key = (run.method.label, run.param_ratio)
-        if key in seen:
+        groups.setdefault((run.method.label, run.param_ratio), []).append(run)
+    done = []
+    for (label, ratio), members in groups.items():
+        folders = [r.output for r in members]
+        folders += [record / r.name for r in members] if record is not None else []
+        if any(_bench_settings(f / BENCH_FILE) == settings for f in folders):
             continue
-        seen.add(key)
-        path = run.output / BENCH_FILE
-        if path.is_file():
-            try:
-                if json.loads(path.read_text()).get("settings") == settings:
-                    continue
-            except json.JSONDecodeError:
-                pass
+        run = next((r for r in members if (r.output / RESULTS_FILE).is_file()), None)
+        if run is None:
+            log(f"bench {label} {ratio:g}: skipped, no checkpoint here (recorded runs only)")
+            continue
         start = time.perf_counter()
         model = load_for_bench(str(run.output))
         result = bench(
@@ -589,13 +620,21 @@ def bench_runs(
             name=str(run.output),
         )
         result["settings"] = settings
-        write_json(result, path)
+        write_json(result, run.output / BENCH_FILE)
         ratios = ", ".join(
             f"batch {b['batch_size']} {b['latency_ratio']:.3f}x" for b in result["batches"]
         )
         log(f"bench {run.label}: {ratios} of dense latency ({time.perf_counter() - start:.0f} s)")
         done.append(run.name)
     return done
+
+
+def _bench_settings(path: Path) -> Any:
+    """The ``settings`` of the ``bench.json`` at ``path``; ``None`` if missing or unreadable."""
+    try:
+        return json.loads(path.read_text()).get("settings")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
 
 
 def parse_lane(text: str) -> tuple[int, int]:
@@ -633,6 +672,7 @@ def run_sweep(
     execute_fn: Callable[..., dict[str, Any]] | None = None,
     lane: tuple[int, int] | None = None,
     methods: list[str] | None = None,
+    record: str | os.PathLike | None = None,
 ) -> SweepSummary:
     """Run every run of a sweep that is not already done, then the optional benchmark. Runs go
     seed by seed (every task and method of the first seed, then the next), dense first.
@@ -653,13 +693,18 @@ def run_sweep(
             per lane; the benchmark is left to a run of the whole sweep once every lane is done.
         methods: run only the variants of these method names (``["dense"]``: the baselines
             first, to check the recipes); the benchmark is then skipped too.
+        record: a folder that keeps every finished run's ``results.json`` and ``bench.json``
+            (``factorlab.bench.record``): filled as runs finish (and from runs already cached),
+            and read on start, so a run recorded there is not run again even where its folder is
+            gone. A dense run recorded but without a folder runs again when a run still to do
+            needs its checkpoint; the log says whether it reproduced its recorded metrics.
 
     Returns:
         A ``SweepSummary``.
 
     Raises:
-        ConfigError, DataError, OutputExistsError: invalid sweep (before anything runs); any
-        exception of a run.
+        ConfigError, DataError, OutputExistsError: invalid sweep or a ``record`` that is a file
+        (before anything runs); any exception of a run.
     """
     if not isinstance(spec, SweepSpec):
         spec = load_sweep(spec)
@@ -682,7 +727,11 @@ def run_sweep(
             f"sweep run {missing[0].name} needs its dense run {missing[0].after}, which is not "
             "done and not selected: run the sweep with --methods dense (or no --methods) first"
         )
-    prepared = validate_sweep(runs, spec.model)
+    record = Path(record) if record is not None else None
+    if record is not None and record.exists() and not record.is_dir():
+        raise ConfigError(f"the record {record} is a file; give a folder (made if missing)")
+    done = finished_runs(runs, record)
+    prepared = validate_sweep(runs, spec.model, done)
     from factorlab.io import write_json_atomic
 
     write_json_atomic(
@@ -707,10 +756,15 @@ def run_sweep(
     total = len(runs)
     for i, (run, prep) in enumerate(zip(runs, prepared, strict=True), 1):
         head = f"[{i}/{total}] {run.label}"
-        if is_cached(run):
+        if run.name in done:
             summary.skipped.append(run.name)
-            summary.results[run.name] = json.loads((run.output / RESULTS_FILE).read_text())
-            log(f"{head}: skipped (cached)")
+            summary.results[run.name] = json.loads((done[run.name] / RESULTS_FILE).read_text())
+            if done[run.name] == run.output:
+                if record is not None:
+                    write_record(run.output, record)
+                log(f"{head}: skipped (cached)")
+            else:
+                log(f"{head}: skipped (recorded in {record})")
             continue
         _remove_partials(run)
         start = time.perf_counter()
@@ -723,9 +777,28 @@ def run_sweep(
             raise
         summary.executed.append(run.name)
         summary.results[run.name] = results
-        log(f"{head}: done in {time.perf_counter() - start:.0f} s, {_main_metric(results)}")
+        line = f"{head}: done in {time.perf_counter() - start:.0f} s, {_main_metric(results)}"
+        if record is not None:
+            line += _against_record(run, record, results)
+            write_record(run.output, record)
+        log(line)
     if spec.bench is not None and (lane is not None or methods is not None):
         log("bench: skipped; run the whole sweep once every run is done")
     elif spec.bench is not None:
-        summary.benched = bench_runs(runs, spec.bench, log)
+        summary.benched = bench_runs(runs, spec.bench, log, record)
+        for name in summary.benched if record is not None else ():
+            write_record(output / name, record)
     return summary
+
+
+def _against_record(run: SweepRun, record: Path, results: dict[str, Any]) -> str:
+    """``""``, or whether a rerun of a recorded run reproduced the recorded metrics."""
+    if not is_cached(run, record / run.name):
+        return ""
+    recorded = json.loads((record / run.name / RESULTS_FILE).read_text()).get("metrics")
+    if recorded == results.get("metrics"):
+        return "; reproduces its record"
+    return (
+        f"; differs from its record ({recorded}): the recorded runs that start from it were "
+        "trained from the recorded one"
+    )
