@@ -537,10 +537,10 @@ def validate_sweep(
     model are all checked first, so a typo in the last run does not surface hours later.
 
     A finished run (named in ``done``; by default every ``is_cached`` run) is not prepared again
-    (``None`` in its place). A run whose
-    dense run has not finished (``SweepRun.after``) is checked with the sweep's ``model`` in place
-    of the dense model and without its teacher, released at once, and ``None`` is returned in its
-    place: it is prepared for real once its dense run is done.
+    (``None`` in its place). A run whose dense run has not finished (``SweepRun.after``) is
+    checked with the sweep's ``model`` in place of the dense model and without its teacher,
+    released at once, and ``None`` is returned in its place: it is prepared for real once its
+    dense run is done.
 
     Raises:
         ConfigError, DataError, OutputExistsError: as ``prepare_run``, naming the run.
