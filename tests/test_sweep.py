@@ -12,6 +12,7 @@ from factorlab.bench.report import (
     collect_benches,
     collect_results,
     comparison_table,
+    method_label,
     reconstruction_error_curve,
     results_table,
 )
@@ -318,37 +319,51 @@ def test_a_record_resumes_a_sweep_whose_run_folders_are_gone(
     for name in summary.executed:  # the record holds the results, not the checkpoints
         assert [p.name for p in (record / name).iterdir()] == [RESULTS_FILE]
         assert (record / name / RESULTS_FILE).read_text() == (out / name / RESULTS_FILE).read_text()
-    assert len(collect_results(record)) == 3  # `factorlab report RECORD` reads it
+    labels = [method_label(r) for r in collect_results(record)]  # `factorlab report RECORD`
+    assert labels == ["dense", "low-rank from dense", "low-rank from dense"]
 
     shutil.rmtree(out)  # a machine that lost its run folders: nothing runs again
     again = CountingExecute()
     summary = run_sweep(path, out, execute_fn=again, record=record)
     assert again.calls == [] and summary.skipped == [dense, half, quarter]
-    assert (
-        summary.results[half]["metrics"]
-        == json.loads((record / half / RESULTS_FILE).read_text())["metrics"]
-    )
+    assert summary.results[half] == json.loads((record / half / RESULTS_FILE).read_text())
     assert "skipped (recorded in" in capsys.readouterr().out
+    assert [method_label(r) for r in collect_results(record)] == labels
     monkeypatch.setattr(sweep_mod, "execute", again)  # the same through the CLI
     assert main(["sweep", str(path), "--output", str(out), "--record", str(record)]) == 0
     assert again.calls == [] and f"factorlab report {record}" in capsys.readouterr().out
 
-    # a compressed run still to do needs its dense checkpoint: the dense run runs again
+    # a compressed run still to do needs its dense checkpoint: --methods dense rebuilds it
     shutil.rmtree(record / quarter)
+    with pytest.raises(ConfigError, match="needs its dense run"):
+        run_sweep(path, out, execute_fn=again, record=record, methods=["low-rank"])
     third = CountingExecute()
-    summary = run_sweep(path, out, execute_fn=third, record=record)
-    assert summary.executed == [dense, quarter] and summary.skipped == [half]
+    summary = run_sweep(path, out, execute_fn=third, record=record, methods=["dense"])
+    assert summary.executed == [dense]
     assert "reproduces its record" in capsys.readouterr().out  # CPU runs are deterministic
-    assert (record / quarter / RESULTS_FILE).is_file()
+    summary = run_sweep(path, out, execute_fn=third, record=record, methods=["low-rank"])
+    assert summary.executed == [quarter] and summary.skipped == [half]
+
+    # a rerun that differs is logged, and the record keeps the results its dependents used
+    shutil.rmtree(out)
+    shutil.rmtree(record / quarter)
+    recorded = json.loads((record / dense / RESULTS_FILE).read_text())
+    recorded["metrics"]["accuracy"] += 0.5
+    (record / dense / RESULTS_FILE).write_text(json.dumps(recorded))
+    summary = run_sweep(path, out, execute_fn=CountingExecute(), record=record)
+    assert summary.executed == [dense, quarter]
+    assert "differs from its record" in capsys.readouterr().out
+    assert json.loads((record / dense / RESULTS_FILE).read_text()) == recorded
 
     # runs already in their folders fill a new record without running again
-    fourth = CountingExecute()
-    summary = run_sweep(path, out, execute_fn=fourth, record=tmp_path / "new")
+    summary = run_sweep(path, out, execute_fn=CountingExecute(), record=tmp_path / "new")
     assert summary.executed == [half] and summary.skipped == [dense, quarter]
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == sorted([dense, half, quarter])
     (tmp_path / "file").write_text("")
-    with pytest.raises(ConfigError, match="is a file"):
-        run_sweep(path, out, execute_fn=fourth, record=tmp_path / "file")
+    for bad, match in ((tmp_path / "file", "is a file"), (out / "rec", "hold one another")):
+        with pytest.raises(ConfigError, match=match):
+            run_sweep(path, out, execute_fn=CountingExecute(), record=bad)
+    assert not (out / "rec").exists()
 
 
 def test_lanes_split_task_and_seed_groups(tmp_path, tiny_model_dir, tiny_glue_dir):

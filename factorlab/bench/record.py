@@ -11,29 +11,44 @@ from the record alone. Layout: ``DIR/<run name>/results.json`` (a run folder's l
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from factorlab.io import write_text_atomic
+from factorlab.runs import RESULTS_FILE
 
-RECORDED_FILES = ("results.json", "bench.json")
+BENCH_FILE = "bench.json"
+RECORDED_FILES = (RESULTS_FILE, BENCH_FILE)
 
 
 def write_record(run_folder: str | os.PathLike, record: str | os.PathLike) -> Path:
     """Copy the ``RECORDED_FILES`` present in ``run_folder`` to ``record/<run folder name>/``,
-    each file replaced atomically (a killed copy leaves the previous one). Returns that folder.
+    each written atomically. A readable ``results.json`` already recorded is kept: the record
+    holds a run's first results, which the runs recorded after it (started from it) used;
+    a ``bench.json`` is replaced by a different one (a benchmark with other settings). Returns
+    that folder.
 
     Raises:
         FileNotFoundError: ``run_folder`` holds no ``results.json`` (the run has not finished).
     """
     source = Path(run_folder)
-    if not (source / RECORDED_FILES[0]).is_file():
-        raise FileNotFoundError(f"{source} holds no {RECORDED_FILES[0]}: the run has not finished")
+    if not (source / RESULTS_FILE).is_file():
+        raise FileNotFoundError(f"{source} holds no {RESULTS_FILE}: the run has not finished")
     target = Path(record) / source.name
     for name in RECORDED_FILES:
-        if not (source / name).is_file():
+        recorded = target / name
+        if not (source / name).is_file() or (name == RESULTS_FILE and _readable(recorded)):
             continue
         text = (source / name).read_text()
-        if not (target / name).is_file() or (target / name).read_text() != text:
-            write_text_atomic(target / name, text)
+        if not recorded.is_file() or recorded.read_text() != text:
+            write_text_atomic(recorded, text)
     return target
+
+
+def _readable(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True

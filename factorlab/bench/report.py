@@ -52,8 +52,9 @@ def method_label(results: dict[str, Any]) -> str:
     """The method of a run with the options that distinguish its variants: ``low-rank``,
     ``monarch nblocks=4``, ``low-rank staged``, ``low-rank kd`` (distilled; ``kd alpha=0.9 T=1``
     where alpha and T differ from 0.5 and 2), ``low-rank kd from dense`` (started from the model of
-    a dense factorlab run found from here, whatever its seed: runs over seeds, each from its own
-    dense run, share a label) or ``... from NAME`` (from another factorlab run, by folder name);
+    a dense factorlab run found at its path or beside this run's folder, as in a sweep record,
+    whatever its seed: runs over seeds, each from its own dense run, share a label) or ``... from
+    NAME`` (from another factorlab run, by folder name);
     ``param_ratio`` is shown separately."""
     config = results.get("config") or {}
     options = {k: v for k, v in (config.get("method_options") or {}).items() if k != "param_ratio"}
@@ -73,8 +74,11 @@ def method_label(results: dict[str, Any]) -> str:
         parts += [f"T={temperature:g}"] if temperature != 2 else []
         parts += [f"hidden={hidden:g}"] if hidden else []
     model = config.get("model")
-    source = Path(model) / "results.json" if model else None
-    if source is not None and source.is_file():  # started from another factorlab run
+    sources = [Path(model) / "results.json"] if model else []
+    if model and results.get("path"):  # a record or a moved sweep: the run beside this one
+        sources.append(Path(results["path"]).parent / Path(model).name / "results.json")
+    source = next((p for p in sources if p.is_file()), None)
+    if source is not None:  # started from another factorlab run
         try:
             dense = json.loads(source.read_text()).get("method") == "dense"
         except (json.JSONDecodeError, AttributeError):

@@ -37,8 +37,9 @@ YAML schema (unknown keys are errors)::
     bench: {batch_sizes: [1, 32], seq_len: 128, threads: 2, runs: 20}   # optional, see below
 
 With ``bench``, after the runs one checkpoint per (method variant, param_ratio) - the first task
-and seed - is benchmarked against its dense reference (``factorlab.bench.latency.bench``) and the
-result written to ``bench.json`` in its folder (skipped when one with the same settings exists);
+and seed with a checkpoint on this machine - is benchmarked against its dense reference
+(``factorlab.bench.latency.bench``) and the result written to ``bench.json`` in its folder
+(skipped when one with the same settings exists there or in the record);
 ``factorlab report`` shows the latency ratios.
 
 Runs go seed by seed (every task and method of the first seed, then the next), each dense run
@@ -65,12 +66,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factorlab.bench.record import write_record
+from factorlab.bench.record import BENCH_FILE, write_record
 from factorlab.errors import ConfigError, DataError
 from factorlab.runs import RESULTS_FILE, PreparedRun, RunConfig, execute, prepare_run
 
 SWEEP_FILE = "sweep.json"
-BENCH_FILE = "bench.json"
 DENSE = "dense"
 TOP_KEYS = {
     "model",
@@ -478,11 +478,12 @@ def _with_dense_folder(config: RunConfig, folder: str) -> RunConfig:
     return config
 
 
-def is_cached(run: SweepRun, folder: str | os.PathLike | None = None) -> bool:
-    """Whether ``run``'s folder (or ``folder``: its record) holds a ``results.json`` with exactly
-    its config (the folder of its dense run compared by name, so a moved sweep folder stays
-    cached)."""
-    path = Path(folder if folder is not None else run.output) / RESULTS_FILE
+def is_cached(run: SweepRun, results_folder: str | os.PathLike | None = None) -> bool:
+    """Whether ``run``'s folder (or ``results_folder``, e.g. the run's folder in a record) holds
+    a ``results.json`` with exactly its config (the folder of its dense run compared by name, so
+    a moved sweep folder stays cached)."""
+    folder = results_folder if results_folder is not None else run.output
+    path = Path(folder) / RESULTS_FILE
     if not path.is_file():
         return False
     try:
@@ -506,7 +507,7 @@ def _by_name(config: Any, dense: str | None) -> Any:
     return config
 
 
-def finished_runs(runs: list[SweepRun], record: str | os.PathLike | None = None) -> dict[str, Path]:
+def runs_to_skip(runs: list[SweepRun], record: str | os.PathLike | None = None) -> dict[str, Path]:
     """``{run name: folder of its results.json}`` for the runs of ``runs`` that need not run: its
     own folder (``is_cached``), else its folder in ``record`` (``factorlab.bench.record``), except
     a dense run known only from the record while a run still to do starts or distils from it:
@@ -587,7 +588,7 @@ def bench_runs(
     runs: list[SweepRun],
     settings: dict[str, Any],
     log: Callable[[str], None] = print,
-    record: Path | None = None,
+    record: str | os.PathLike | None = None,
 ) -> list[str]:
     """Benchmark one checkpoint per (method variant, param_ratio) - its first run with a
     checkpoint here - against its dense reference and write ``bench.json`` into that run's
@@ -595,6 +596,7 @@ def bench_runs(
     kept. Returns the run names benchmarked now."""
     from factorlab.bench.latency import bench, load_for_bench, write_json
 
+    record = Path(record) if record is not None else None
     groups: dict[tuple[Any, ...], list[SweepRun]] = {}
     for run in runs:
         groups.setdefault((run.method.label, run.param_ratio), []).append(run)
@@ -697,14 +699,15 @@ def run_sweep(
             (``factorlab.bench.record``): filled as runs finish (and from runs already cached),
             and read on start, so a run recorded there is not run again even where its folder is
             gone. A dense run recorded but without a folder runs again when a run still to do
-            needs its checkpoint; the log says whether it reproduced its recorded metrics.
+            needs its checkpoint; the log says whether it reproduced its recorded metrics (the
+            record keeps the first results of a run: nothing recorded is replaced).
 
     Returns:
         A ``SweepSummary``.
 
     Raises:
-        ConfigError, DataError, OutputExistsError: invalid sweep or a ``record`` that is a file
-        (before anything runs); any exception of a run.
+        ConfigError, DataError, OutputExistsError: invalid sweep, a ``record`` that is a file or
+        holds or lies in ``output`` (before anything runs); any exception of a run.
     """
     if not isinstance(spec, SweepSpec):
         spec = load_sweep(spec)
@@ -716,21 +719,25 @@ def run_sweep(
         unknown = sorted(set(methods) - known)
         if unknown:
             raise ConfigError(f"--methods {unknown}: not in the sweep, whose methods are {known}")
-    runs = planned if lane is None else lane_runs(planned, lane)
-    runs = runs if methods is None else [r for r in runs if r.method.name in methods]
+    record = Path(record) if record is not None else None
+    if record is not None:
+        _check_record(record, output)
+    in_lane = planned if lane is None else lane_runs(planned, lane)
+    # over the whole lane, so that --methods dense rebuilds a recorded dense run without a
+    # folder when a run of another method still needs its checkpoint
+    done = runs_to_skip(in_lane, record)
+    runs = in_lane if methods is None else [r for r in in_lane if r.method.name in methods]
     # one seed over every task and method before the next: a sweep cut short still compares all
     runs = sorted(runs, key=lambda r: spec.seeds.index(r.seed))
     selected = {r.name for r in runs}
-    missing = [r for r in runs if _waits(r, output) and r.after not in selected]
+    missing = [
+        r for r in runs if r.name not in done and _waits(r, output) and r.after not in selected
+    ]
     if missing:
         raise ConfigError(
             f"sweep run {missing[0].name} needs its dense run {missing[0].after}, which is not "
             "done and not selected: run the sweep with --methods dense (or no --methods) first"
         )
-    record = Path(record) if record is not None else None
-    if record is not None and record.exists() and not record.is_dir():
-        raise ConfigError(f"the record {record} is a file; give a folder (made if missing)")
-    done = finished_runs(runs, record)
     prepared = validate_sweep(runs, spec.model, done)
     from factorlab.io import write_json_atomic
 
@@ -791,6 +798,19 @@ def run_sweep(
     return summary
 
 
+def _check_record(record: Path, output: Path) -> None:
+    """Refuse a record that is a file, or that holds or lies in the sweep folder (``factorlab
+    report`` on the outer one would count every run twice)."""
+    if record.exists() and not record.is_dir():
+        raise ConfigError(f"the record {record} is a file; give a folder (made if missing)")
+    inner, outer = record.resolve(), output.resolve()
+    if inner == outer or inner.is_relative_to(outer) or outer.is_relative_to(inner):
+        raise ConfigError(
+            f"the record {record} and the sweep folder {output} must not hold one another "
+            "(a report of the outer one would count every run twice): put them side by side"
+        )
+
+
 def _against_record(run: SweepRun, record: Path, results: dict[str, Any]) -> str:
     """``""``, or whether a rerun of a recorded run reproduced the recorded metrics."""
     if not is_cached(run, record / run.name):
@@ -799,6 +819,6 @@ def _against_record(run: SweepRun, record: Path, results: dict[str, Any]) -> str
     if recorded == results.get("metrics"):
         return "; reproduces its record"
     return (
-        f"; differs from its record ({recorded}): the recorded runs that start from it were "
-        "trained from the recorded one"
+        f"; differs from its record ({recorded}), which keeps its first results: the recorded "
+        "runs that start from it were trained from that model"
     )
