@@ -316,9 +316,12 @@ def test_cli_compensate_records_the_option_and_refuses_it_without_sequential(
     assert results["factorization"]["config"]["compensate"] is True
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "sensitivity"])
+@pytest.mark.parametrize(
+    "allocation, options",
+    [("uniform", []), ("sensitivity", []), ("uniform", ["--option", "bias_correction=true"])],
+)
 def test_a_compensated_run_skips_the_reference_until_a_block_is_compressed(
-    tiny_model_dir, tiny_glue_dir, tmp_path, monkeypatch, allocation
+    tiny_model_dir, tiny_glue_dir, tmp_path, monkeypatch, allocation, options
 ):
     import factorlab.runs
     from factorlab.checkpoint import load
@@ -326,7 +329,7 @@ def test_a_compensated_run_skips_the_reference_until_a_block_is_compressed(
 
     argv = ["compress", "--model", str(tiny_model_dir), "--data-dir", str(tiny_glue_dir)]
     argv += ["--calibration-task", "rte", "--method", "act-svd", "--no-progress"]
-    argv += ["--sequential", "--compensate", "--allocation", allocation]
+    argv += ["--sequential", "--compensate", "--allocation", allocation, *options]
     collect = factorlab.runs.run_calibration
     passes: list[bool] = []
 
