@@ -605,7 +605,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         record=args.record,
     )
     print(
-        f"sweep {output}: {len(summary.executed)} runs done, {len(summary.skipped)} cached; "
+        f"sweep {output}: {len(summary.executed)} runs done, {len(summary.skipped)} skipped "
+        "(cached or recorded); "
         f"`factorlab report {args.record or output}` for tables and plots"
     )
     return 0

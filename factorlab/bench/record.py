@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from factorlab.io import write_text_atomic
 from factorlab.runs import RESULTS_FILE
@@ -38,7 +39,8 @@ def write_record(run_folder: str | os.PathLike, record: str | os.PathLike) -> Pa
     target = Path(record) / source.name
     for name in RECORDED_FILES:
         recorded = target / name
-        if not (source / name).is_file() or (name == RESULTS_FILE and _readable(recorded)):
+        kept = name == RESULTS_FILE and read_json(recorded) is not None
+        if not (source / name).is_file() or kept:
             continue
         text = (source / name).read_text()
         if not recorded.is_file() or recorded.read_text() != text:
@@ -46,9 +48,9 @@ def write_record(run_folder: str | os.PathLike, record: str | os.PathLike) -> Pa
     return target
 
 
-def _readable(path: Path) -> bool:
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in the file at ``path``; ``None`` if it is missing or not valid JSON."""
     try:
-        json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError):
-        return False
-    return True
+        return None

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factorlab.bench.record import BENCH_FILE, write_record
+from factorlab.bench.record import BENCH_FILE, read_json, write_record
 from factorlab.errors import ConfigError, DataError
 from factorlab.runs import RESULTS_FILE, PreparedRun, RunConfig, execute, prepare_run
 
@@ -633,10 +633,8 @@ def bench_runs(
 
 def _bench_settings(path: Path) -> Any:
     """The ``settings`` of the ``bench.json`` at ``path``; ``None`` if missing or unreadable."""
-    try:
-        return json.loads(path.read_text()).get("settings")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
+    bench = read_json(path)
+    return bench.get("settings") if isinstance(bench, dict) else None
 
 
 def parse_lane(text: str) -> tuple[int, int]:
