@@ -34,7 +34,7 @@ for task in ${tasks[@]}; do
   task_recipe "$task"
   dense="$out/$task-dense"
   teacher=(--teacher "$dense")
-  run "$task-dense" factorlab finetune "${recipe[@]}"
+  NEEDED=1 run "$task-dense" factorlab finetune "${recipe[@]}"
   lr=(factorlab compress "${recipe[@]}" --method low-rank --param-ratio 0.5)
   run "$task-low-rank-0.5" "${lr[@]}"
   run "$task-low-rank-0.5-kd" "${lr[@]}" "${teacher[@]}"

@@ -27,7 +27,7 @@ for task in ${tasks[@]}; do
   task_recipe "$task"
   dense="$out/$task-dense"
   if [ ! -f "$dense/results.json" ]; then
-    LANE=0/1 run "$task-dense" factorlab finetune "${recipe[@]}"
+    NEEDED=1 LANE=0/1 run "$task-dense" factorlab finetune "${recipe[@]}"
   fi
   from=(--model "$dense" --teacher "$dense")
   for p in ${RATIOS:-0.28 0.357 0.5}; do

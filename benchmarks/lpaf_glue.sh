@@ -12,6 +12,11 @@
 #   ...-nomix / -em10            without mixed-rank training (q = 0) / with the sparsity-aware
 #                                SVD (10 EM steps fitting only the kept entries)
 #   ...-prune0.25                a quarter of the steps pruning, three quarters recovery
+#   TASK-lpaf-P-pretrained-kd    LPAF as the paper runs it: movement pruning DURING the task's
+#                                fine-tuning, from the pretrained MiniLM, for the dense recipe's
+#                                steps, then as many steps of mixed-rank recovery (twice the
+#                                epochs, half pruning): the dense fine-tuning plus the recovery of
+#                                every other row, so the whole pipeline takes the same steps
 #   ...-{zeroinit,maginit,magnitude}-abs-em10   the first setting tried (METHODS.md §7 as
 #                                written): sparsity 1 - P, absolute-error allocation, 10 EM steps,
 #                                movement scores from 0 / from |W|, or magnitude pruning
@@ -36,7 +41,7 @@ for task in ${tasks[@]}; do
   task_recipe "$task"
   dense="$out/$task-dense"
   if [ ! -f "$dense/results.json" ]; then
-    LANE=0/1 run "$task-dense" factorlab finetune "${recipe[@]}"
+    NEEDED=1 LANE=0/1 run "$task-dense" factorlab finetune "${recipe[@]}"
   fi
   for p in ${RATIOS:-0.25 0.5}; do
     from=(--model "$dense" --teacher "$dense" --param-ratio "$p")
@@ -52,5 +57,7 @@ for task in ${tasks[@]}; do
     run "$task-lpaf-$p-ft-kd-maginit-abs-em10" "${first[@]}"
     run "$task-lpaf-$p-ft-kd-magnitude-abs-em10" "${first[@]}" --pruning magnitude
     run "$task-lpaf-$p-ft-kd-prune0.25" "${lpaf[@]}" --option prune_fraction=0.25
+    run "$task-lpaf-$p-pretrained-kd" factorlab compress "${recipe[@]}" --epochs "$((2 * epochs))" \
+      --teacher "$dense" --param-ratio "$p" --method lpaf
   done
 done

@@ -60,12 +60,16 @@ def from_run(run_dir: Path) -> dict[float, dict]:
 
 
 def pruning_label(run_dir: Path) -> str:
-    """``movement (scores from |W|), while fine-tuning`` and the like, from the run's config."""
-    config = json.loads((run_dir / "results.json").read_text())["factorization"]["config"]
+    """``movement (scores from |W|), from the fine-tuned model`` and the like, from the run's
+    config: the pruning kind, the scores' start, and whether pruning ran during the task's
+    fine-tuning from the pretrained model (``--model`` left at its default) or after it."""
+    results = json.loads((run_dir / "results.json").read_text())
+    config = results["factorization"]["config"]
     kind = config["pruning"]
     if kind != "magnitude":
         kind += " (scores from |W|)" if config.get("score_init") == "magnitude" else " (scores 0)"
-    return f"{kind}, while fine-tuning"
+    start = "from pretrained" if results["model"].startswith("embedded:") else "from fine-tuned"
+    return f"{kind}, {start}"
 
 
 def main() -> None:
@@ -93,12 +97,12 @@ def main() -> None:
             indent=2,
         )
     )
-    print(f"{'task':6} {'pruning':36} {'sparsity':>8} {'num. rank':>9} {'90% rank':>8}")
+    print(f"{'task':6} {'pruning':44} {'sparsity':>8} {'num. rank':>9} {'90% rank':>8}")
     for task, lines in study.items():
         for kind, line in lines.items():
             for sparsity, s in line.items():
                 print(
-                    f"{task:6} {kind:36} {sparsity:8.3f} {s['numerical_rank']:9.3f} "
+                    f"{task:6} {kind:44} {sparsity:8.3f} {s['numerical_rank']:9.3f} "
                     f"{s['energy_rank']:8.3f}"
                 )
 
