@@ -4,7 +4,7 @@
 # LANE=i/n (optional) runs only every n-th row starting at row i (0-based), so n copies of one
 # script with LANE=0/n ... LANE=(n-1)/n share its rows as parallel single-thread jobs.
 # ONLY="NAME..." (optional) runs only the rows of those names.
-# RECORD=DIR (optional) keeps each finished row's results.json in DIR/NAME/ (a few KiB, no
+# RECORD=DIR (optional) keeps each finished row's results.json in DIR/NAME/ (up to 50 KiB, no
 # checkpoint: a folder to commit, since runs/ is lost with the machine) and skips a row recorded
 # there, unless it is called as `NEEDED=1 run ...`: a checkpoint later rows start from.
 _row=0

@@ -22,8 +22,9 @@
 #                                movement scores from 0 / from |W|, or magnitude pruning
 # Recipe as benchmarks/core_glue.sh: lr 1e-4, batch 32, len 128, seed 42; SST-2 a seeded 10k
 # subset for 2 epochs (626 steps), MRPC and STS-B the full train sets for 3 epochs.
-# Resumable (finished rows are kept; RATIOS="0.25" runs one ratio). Usage, two single-thread
-# lanes sharing the rows:
+# Resumable (finished rows are kept; RATIOS="0.25" runs one ratio; ONLY="ROW..." runs those rows only:
+# name TASK-dense too where OUT lacks it; RECORD=benchmarks/records/distill skips the rows
+# recorded there, benchmarks/cached_run.sh). Usage, two single-thread lanes sharing the rows:
 #   OMP_NUM_THREADS=1 LANE=0/2 bash benchmarks/lpaf_glue.sh OUT TASK... &
 #   OMP_NUM_THREADS=1 LANE=1/2 bash benchmarks/lpaf_glue.sh OUT TASK...
 # then: factorlab report OUT; python benchmarks/lpaf_rank_study.py OUT

@@ -60,7 +60,7 @@ def from_run(run_dir: Path) -> dict[float, dict]:
 
 
 def pruning_label(run_dir: Path) -> str:
-    """``movement (scores from |W|), from the fine-tuned model`` and the like, from the run's
+    """``movement (scores from |W|), from fine-tuned`` and the like, from the run's
     config: the pruning kind, the scores' start, and whether pruning ran during the task's
     fine-tuning from the pretrained model (``--model`` left at its default) or after it."""
     results = json.loads((run_dir / "results.json").read_text())
