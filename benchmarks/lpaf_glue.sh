@@ -21,7 +21,8 @@
 #                                written): sparsity 1 - P, absolute-error allocation, 10 EM steps,
 #                                movement scores from 0 / from |W|, or magnitude pruning
 # Recipe as benchmarks/core_glue.sh: lr 1e-4, batch 32, len 128, seed 42; SST-2 a seeded 10k
-# subset for 2 epochs (626 steps), MRPC and STS-B the full train sets for 3 epochs.
+# subset for 2 epochs (626 steps), MRPC and STS-B the full train sets for 3 epochs. SEED=N (not 42)
+# trains the compressed rows with seed N into TASK-...-seedN folders, from the same seed-42 teacher.
 # Resumable (finished rows are kept; RATIOS="0.25" runs one ratio; ONLY="ROW..." runs those rows only:
 # name TASK-dense too where OUT lacks it; RECORD=benchmarks/records/distill skips the rows
 # recorded there, benchmarks/cached_run.sh). Usage, two single-thread lanes sharing the rows:
@@ -44,21 +45,27 @@ for task in ${tasks[@]}; do
   if [ ! -f "$dense/results.json" ]; then
     NEEDED=1 LANE=0/1 run "$task-dense" factorlab finetune "${recipe[@]}"
   fi
+  seed=${SEED:-42}
+  s=""
+  if [ "$seed" != 42 ]; then
+    s="-seed$seed"
+    recipe+=(--seed "$seed")
+  fi
   for p in ${RATIOS:-0.25 0.5}; do
     from=(--model "$dense" --teacher "$dense" --param-ratio "$p")
     lpaf=(factorlab compress "${recipe[@]}" "${from[@]}" --method lpaf)
     first=("${lpaf[@]}" --sparsity "${complement[$p]}" --option allocation_normalize=false
       --option em_iterations=10)
-    run "$task-lpaf-$p-ft-kd" "${lpaf[@]}"
-    run "$task-low-rank-$p-ft-kd" factorlab compress "${recipe[@]}" "${from[@]}" --method low-rank
-    run "$task-act-svd-$p-ft-kd" factorlab compress "${recipe[@]}" "${from[@]}" --method act-svd
-    run "$task-lpaf-$p-ft-kd-nomix" "${lpaf[@]}" --mixed-rank-q 0
-    run "$task-lpaf-$p-ft-kd-em10" "${lpaf[@]}" --option em_iterations=10
-    run "$task-lpaf-$p-ft-kd-zeroinit-abs-em10" "${first[@]}" --option score_init=zeros
-    run "$task-lpaf-$p-ft-kd-maginit-abs-em10" "${first[@]}"
-    run "$task-lpaf-$p-ft-kd-magnitude-abs-em10" "${first[@]}" --pruning magnitude
-    run "$task-lpaf-$p-ft-kd-prune0.25" "${lpaf[@]}" --option prune_fraction=0.25
-    run "$task-lpaf-$p-pretrained-kd" factorlab compress "${recipe[@]}" --epochs "$((2 * epochs))" \
+    run "$task-lpaf-$p-ft-kd$s" "${lpaf[@]}"
+    run "$task-low-rank-$p-ft-kd$s" factorlab compress "${recipe[@]}" "${from[@]}" --method low-rank
+    run "$task-act-svd-$p-ft-kd$s" factorlab compress "${recipe[@]}" "${from[@]}" --method act-svd
+    run "$task-lpaf-$p-ft-kd-nomix$s" "${lpaf[@]}" --mixed-rank-q 0
+    run "$task-lpaf-$p-ft-kd-em10$s" "${lpaf[@]}" --option em_iterations=10
+    run "$task-lpaf-$p-ft-kd-zeroinit-abs-em10$s" "${first[@]}" --option score_init=zeros
+    run "$task-lpaf-$p-ft-kd-maginit-abs-em10$s" "${first[@]}"
+    run "$task-lpaf-$p-ft-kd-magnitude-abs-em10$s" "${first[@]}" --pruning magnitude
+    run "$task-lpaf-$p-ft-kd-prune0.25$s" "${lpaf[@]}" --option prune_fraction=0.25
+    run "$task-lpaf-$p-pretrained-kd$s" factorlab compress "${recipe[@]}" --epochs "$((2 * epochs))" \
       --teacher "$dense" --param-ratio "$p" --method lpaf
   done
 done
