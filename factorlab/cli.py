@@ -603,6 +603,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         lane=lane,
         methods=args.methods,
         record=args.record,
+        tasks=args.tasks,
+        param_ratios=args.param_ratios,
+        seeds=args.seeds,
     )
     print(
         f"sweep {output}: {len(summary.executed)} runs done, {len(summary.skipped)} skipped "
@@ -825,6 +828,17 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="NAME",
         help="run only these methods of the sweep (e.g. dense: the baselines, to check recipes)",
+    )
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="run only these tasks of the sweep")
+    p.add_argument(
+        "--param-ratios",
+        nargs="+",
+        type=float,
+        metavar="P",
+        help="run only these param_ratios of the sweep (and the dense runs they need)",
+    )
+    p.add_argument(
+        "--seeds", nargs="+", type=int, metavar="SEED", help="run only these seeds of the sweep"
     )
     p.add_argument(
         "--record",

@@ -23,6 +23,7 @@ from factorlab.bench.sweep import (
     parse_sweep,
     plan_sweep,
     run_sweep,
+    select_runs,
 )
 from factorlab.cli import main
 from factorlab.errors import ConfigError
@@ -398,6 +399,24 @@ def test_lanes_split_task_and_seed_groups(tmp_path, tiny_model_dir, tiny_glue_di
     assert len(summary.executed) == 1 and summary.executed[0].startswith("rte-dense-s42-")
     with pytest.raises(ConfigError, match="not in the sweep"):
         run_sweep(path, tmp_path / "o", methods=["monarch"])
+    # a smaller grid: tasks, ratios and seeds select runs; dense runs stay for the others
+    small = select_runs(runs, tasks=["mrpc"], param_ratios=[0.5], seeds=[2])
+    assert [(r.task, r.method.name, r.seed) for r in small] == [
+        ("mrpc", m, 2) for m in ("dense", "low-rank", "monarch")
+    ]
+    assert select_runs(runs, methods=["dense"], seeds=[1]) == [runs[0], runs[6]]
+    for bad, match in (
+        ({"tasks": ["sst2"]}, r"--tasks \['sst2'\]: not in the sweep"),
+        ({"param_ratios": [1.0]}, r"--param-ratios \[1.0\]: not in the sweep, whose .* \[0.5\]"),
+        ({"seeds": [3]}, r"--seeds \[3\]"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            select_runs(runs, **bad)
+    fake = CountingExecute()
+    with pytest.raises(ConfigError, match="--seeds"):
+        run_sweep(path, tmp_path / "o", execute_fn=fake, seeds=[7])
+    assert fake.calls == []
+    assert main(["sweep", str(path), "--output", str(tmp_path / "o"), "--param-ratios", "0.9"]) == 2
     # runs go seed by seed: a sweep cut short has compared every method on the first seed
     order = []
 

@@ -664,6 +664,46 @@ def lane_runs(runs: list[SweepRun], lane: tuple[int, int]) -> list[SweepRun]:
     return [r for r in runs if groups[r.task, r.seed] % count == index]
 
 
+def select_runs(
+    runs: list[SweepRun],
+    methods: list[str] | None = None,
+    tasks: list[str] | None = None,
+    param_ratios: list[float] | None = None,
+    seeds: list[int] | None = None,
+) -> list[SweepRun]:
+    """The runs of ``runs`` whose method name, task, param_ratio and seed are among the given
+    ones (``None``: any). Dense runs pass the ``param_ratios`` filter: the compressed runs of
+    their task and seed start or distil from them.
+
+    Raises:
+        ConfigError: a value that no run has (a typo would otherwise select nothing).
+    """
+    wanted = {
+        "methods": (methods, lambda r: r.method.name),
+        "tasks": (tasks, lambda r: r.task),
+        "param-ratios": (param_ratios, lambda r: r.param_ratio),
+        "seeds": (seeds, lambda r: r.seed),
+    }
+    for flag, (values, key) in wanted.items():
+        if values is None:
+            continue
+        known = {key(r) for r in runs if not (flag == "param-ratios" and r.method.name == DENSE)}
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            shown = sorted(known, key=str)
+            raise ConfigError(f"--{flag} {unknown}: not in the sweep, whose {flag} are {shown}")
+    return [
+        r
+        for r in runs
+        if all(
+            values is None
+            or key(r) in values
+            or (flag == "param-ratios" and r.method.name == DENSE)
+            for flag, (values, key) in wanted.items()
+        )
+    ]
+
+
 def run_sweep(
     spec: SweepSpec | str | os.PathLike,
     output: str | os.PathLike,
@@ -673,6 +713,9 @@ def run_sweep(
     lane: tuple[int, int] | None = None,
     methods: list[str] | None = None,
     record: str | os.PathLike | None = None,
+    tasks: list[str] | None = None,
+    param_ratios: list[float] | None = None,
+    seeds: list[int] | None = None,
 ) -> SweepSummary:
     """Run every run of a sweep that is not already done, then the optional benchmark. Runs go
     seed by seed (every task and method of the first seed, then the next), dense first.
@@ -693,6 +736,10 @@ def run_sweep(
             per lane; the benchmark is left to a run of the whole sweep once every lane is done.
         methods: run only the variants of these method names (``["dense"]``: the baselines
             first, to check the recipes); the benchmark is then skipped too.
+        tasks, param_ratios, seeds: run only these tasks, ratios (dense runs are kept: the
+            others need them) and seeds of the sweep (``select_runs``), e.g. a smaller grid
+            first; the runs keep their folders and hashes, so the whole sweep later skips them.
+            The benchmark is then skipped too.
         record: a folder that keeps every finished run's ``results.json`` and ``bench.json``
             (``factorlab.bench.record``): filled as runs finish (and from runs already cached),
             and read on start, so a run recorded there is not run again even where its folder is
@@ -712,11 +759,8 @@ def run_sweep(
     execute_fn = execute_fn or execute
     output = Path(output)
     planned = plan_sweep(spec, output)
-    if methods is not None:
-        known = {m.name for m in spec.methods}
-        unknown = sorted(set(methods) - known)
-        if unknown:
-            raise ConfigError(f"--methods {unknown}: not in the sweep, whose methods are {known}")
+    selection = {"tasks": tasks, "param_ratios": param_ratios, "seeds": seeds}
+    select_runs(planned, methods=methods, **selection)  # unknown values fail before any work
     record = Path(record) if record is not None else None
     if record is not None:
         _check_record(record, output)
@@ -724,7 +768,7 @@ def run_sweep(
     # over the whole lane, so that --methods dense rebuilds a recorded dense run without a
     # folder when a run of another method still needs its checkpoint
     done = runs_to_skip(in_lane, record)
-    runs = in_lane if methods is None else [r for r in in_lane if r.method.name in methods]
+    runs = select_runs(in_lane, methods=methods, **selection)
     # one seed over every task and method before the next: a sweep cut short still compares all
     runs = sorted(runs, key=lambda r: spec.seeds.index(r.seed))
     selected = {r.name for r in runs}
@@ -787,7 +831,10 @@ def run_sweep(
             line += _against_record(run, record, results)
             write_record(run.output, record)
         log(line)
-    if spec.bench is not None and (lane is not None or methods is not None):
+    subset = (
+        lane is not None or methods is not None or any(v is not None for v in selection.values())
+    )
+    if spec.bench is not None and subset:
         log("bench: skipped; run the whole sweep once every run is done")
     elif spec.bench is not None:
         summary.benched = bench_runs(runs, spec.bench, log, record)
