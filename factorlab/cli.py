@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -510,11 +511,20 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from factorlab.bench.report import collect_benches, collect_results, results_table, write_report
+    from factorlab.bench.report import (
+        collect_benches,
+        collect_results,
+        constant_baselines,
+        results_table,
+        write_report,
+    )
 
     results = collect_results(args.runs)
-    print(results_table(results, collect_benches(args.runs, results)))
-    print(f"wrote {write_report(args.runs, args.output)} (and its PNG plots)")
+    data_dir = args.data_dir or os.environ.get("GLUE_DIR")
+    baselines = constant_baselines(results, data_dir) if data_dir else None
+    print(results_table(results, collect_benches(args.runs, results), baselines))
+    written = write_report(args.runs, args.output, baselines)
+    print(f"wrote {written} (and its PNG plots)")
     return 0
 
 
@@ -773,6 +783,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("runs", help="folder holding run folders (e.g. a sweep's output)")
     p.add_argument("--output", help="where report.md and the PNGs go (default RUNS/report)")
+    p.add_argument(
+        "--data-dir",
+        help="GLUE folder (default $GLUE_DIR): with it the tables count the runs that failed "
+        "(not above the constant predictor + 1 point)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
@@ -861,7 +876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         getattr(args, "task", None) is None
         and getattr(args, "calibration_task", None) is None
         and getattr(args, "data_dir", None)
-        and args.command != "evaluate"
+        and args.command not in ("evaluate", "report")
     ):
         parser.error("--data-dir needs --task")
     try:

@@ -12,9 +12,11 @@ from factorlab.bench.report import (
     collect_benches,
     collect_results,
     comparison_table,
+    is_failed_run,
     method_label,
     reconstruction_error_curve,
     results_table,
+    runs_table,
 )
 from factorlab.bench.sweep import (
     lane_runs,
@@ -456,7 +458,8 @@ def test_report_tables_and_plots(tmp_path, tiny_model_dir, tiny_glue_dir, capsys
     assert main(["report", str(out)]) == 0
     printed = capsys.readouterr().out
     report = (out / "report" / "report.md").read_text()
-    rows = [line for line in report.splitlines() if line.startswith("| rte |")]
+    results_part = report.split("## Results")[1].split("## ")[0]
+    rows = [line for line in results_part.splitlines() if line.startswith("| rte |")]
     assert len(rows) == 2
     dense_row, lr_row = rows
     assert "| dense | 1 |" in dense_row and "| 2 |" in dense_row  # 2 seeds
@@ -466,9 +469,14 @@ def test_report_tables_and_plots(tmp_path, tiny_model_dir, tiny_glue_dir, capsys
     for png in ("metric_rte.png", "latency.png", "reconstruction_error.png"):
         assert (out / "report" / png).read_bytes()[:8] == PNG, png
         assert f"({png})" in report
+    assert "Failed runs are not counted: pass --data-dir" in report
+    runs = [line for line in report.split("## Runs")[1].splitlines() if line.startswith("| rte")]
+    assert len(runs) == 4 and all(re.search(r"-s[12]-[0-9a-f]{8} \| 0\.1", r) for r in runs)
     other = tmp_path / "elsewhere"
-    assert main(["report", str(out), "--output", str(other)]) == 0
-    assert (other / "report.md").is_file()
+    assert main(["report", str(out), "--output", str(other), "--data-dir", str(tiny_glue_dir)]) == 0
+    counted = (other / "report.md").read_text()
+    assert "constant predictors: rte " in counted and "| failed |" in counted
+    assert re.search(r"\| rte \| dense \| 1 \| .* \| 2 \| [012]/2 \|", counted)
     assert main(["report", str(tmp_path / "missing")]) == 2
 
 
@@ -499,6 +507,51 @@ def test_report_groups_seeds_and_tells_training_variants_apart():
     assert "| dense | 1 | accuracy 87.00 ± 1.41 | 2 |" in rows[0]
     assert "| low-rank learning_rate=0.0001 | 0.5 | accuracy 80.00 | 1 |" in table
     assert "| low-rank learning_rate=5e-05 | 0.5 | accuracy 82.00 | 1 |" in table
+
+
+def test_report_counts_failed_runs_and_bytes_kept():
+    def result(method, seed, acc, bytes_after=None):
+        parameters = {"targeted_after": 1, "model_after": 2, "model_before": 4}
+        if bytes_after is not None:
+            parameters |= {"targeted_bytes_before": 400, "targeted_bytes_after": bytes_after}
+        return {
+            "method": method,
+            "task": "rte",
+            "param_ratio": 1.0 if method == "dense" else 0.25,
+            "seed": seed,
+            "metrics": {"accuracy": acc},
+            "main_metric": "accuracy",
+            "parameters": parameters,
+            "timings": {},
+            "versions": {"factorlab": "9.9", "torch": "2.13.0", "transformers": "5.0"},
+            "config": {"training": {"seed": seed}},
+            "path": f"/runs/rte-{method}-s{seed}-0123abcd",
+        }
+
+    results = [
+        result("dense", 1, 0.60),
+        result("dense", 2, 0.535),  # not above 0.52 + 0.01 + ... : 0.535 > 0.53, not failed
+        result("low-rank", 1, 0.53, bytes_after=100),  # == baseline + 1 point: failed
+        result("low-rank", 2, 0.47, bytes_after=100),
+    ]
+    baselines = {"rte": 0.52}
+    assert [is_failed_run(r, baselines) for r in results] == [False, False, True, True]
+    assert is_failed_run(results[0], {}) is None
+    table = results_table(results, baselines=baselines)
+    assert "| rte | dense | 1 | accuracy 56.75 ± 4.60 | 2 | 0/2 | 1 | 2 | 0.500 | 1.000 |" in table
+    assert (
+        "| rte | low-rank | 0.25 | accuracy 50.00 ± 4.24 | 2 | 2/2 | 1 | 2 | 0.500 | 0.250 |"
+        in (table)
+    )
+    assert "| failed |" not in results_table(results)  # no baselines: no column
+    pivot = comparison_table(results, baselines=baselines)
+    assert "| 50.00 ± 4.24 (2/2 failed) |" in pivot and "| 56.75 ± 4.60 |" in pivot
+    runs = runs_table(results, baselines)
+    assert (
+        "| rte | low-rank | 0.25 | 2 | accuracy 47.00 (failed) | rte-low-rank-s2-0123abcd |" in runs
+    )
+    assert runs.splitlines()[2].startswith("| rte | dense | 1 | 1 | accuracy 60.00 |")
+    assert runs.endswith("| 9.9 / 2.13.0 / 5.0 |")
 
 
 def test_reconstruction_error_curve():

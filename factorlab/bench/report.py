@@ -48,6 +48,55 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def constant_baselines(
+    results: list[dict[str, Any]], data_dir: str | os.PathLike
+) -> dict[str, float]:
+    """Per task of ``results``, the dev score of the best constant predictor (fraction units;
+    ``factorlab.stability.constant_baselines``: the better of the training and dev majority
+    class, the training mean on STS-B), from the GLUE folder ``data_dir`` and the training split
+    (``train_samples`` and seed) of the task's first run.
+
+    Raises:
+        DataError: ``data_dir`` lacks a task's train or dev file.
+    """
+    from factorlab.stability import constant_baselines as scores
+    from factorlab.training import TrainingConfig
+
+    baselines: dict[str, float] = {}
+    for r in results:
+        task = r.get("task")
+        if not task or task in baselines:
+            continue
+        training = TrainingConfig(**((r.get("config") or {}).get("training") or {}))
+        baselines[task] = scores(task, str(data_dir), training)["baseline"]
+    return baselines
+
+
+def is_failed_run(results: dict[str, Any], baselines: dict[str, float]) -> bool | None:
+    """Whether a run failed: its main dev metric is no better than its task's constant
+    predictor + 1 point (``factorlab.stability.is_failed``, METHODS.md §4); ``None`` where the
+    task has no baseline in ``baselines``."""
+    from factorlab.stability import is_failed
+
+    baseline = baselines.get(results.get("task") or "")
+    main = results.get("main_metric")
+    if baseline is None or main not in (results.get("metrics") or {}):
+        return None
+    return is_failed(results["metrics"][main], baseline)
+
+
+def _failed_cell(runs: list[dict[str, Any]], baselines: dict[str, float]) -> str:
+    failed = [is_failed_run(r, baselines) for r in runs]
+    return "-" if None in failed else f"{sum(failed)}/{len(failed)}"
+
+
+def _bytes_kept(runs: list[dict[str, Any]], method: str) -> str:
+    p = runs[0]["parameters"]
+    if "targeted_bytes_before" in p:
+        return f"{p['targeted_bytes_after'] / p['targeted_bytes_before']:.3f}"
+    return "1.000" if method == "dense" else "-"
+
+
 def method_label(results: dict[str, Any]) -> str:
     """The method of a run with the options that distinguish its variants: ``low-rank``,
     ``monarch nblocks=4``, ``low-rank staged``, ``low-rank kd`` (distilled; ``kd alpha=0.9 T=1``
@@ -117,15 +166,20 @@ def _order(key: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def results_table(
-    results: list[dict[str, Any]], benches: dict[tuple[str, float], dict[str, Any]] | None = None
+    results: list[dict[str, Any]],
+    benches: dict[tuple[str, float], dict[str, Any]] | None = None,
+    baselines: dict[str, float] | None = None,
 ) -> str:
     """A markdown table, one row per (task, method, param_ratio), metrics as mean ± std over seeds.
 
     Columns: task, method (with the options that tell variants apart), param_ratio, the task's
     main metric in percent (and every other metric), number of seeds, targeted and whole-model
-    parameters after compression, fraction of the model's parameters kept, and training time in
-    seconds (mean over seeds). With ``benches`` (``{(method label, param_ratio): bench result}``,
-    see ``collect_benches``) a last column gives the latency ratio to dense per batch size.
+    parameters after compression, fraction of the model's parameters kept, fraction of the
+    targeted layers' bytes kept (``-`` for runs that did not record it), and training time in
+    seconds (mean over seeds). With ``baselines`` (``constant_baselines``) a column counts the
+    failed runs (``is_failed_run``); with ``benches`` (``{(method label, param_ratio): bench
+    result}``, see ``collect_benches``) a last column gives the latency ratio to dense per batch
+    size.
     """
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for key, r in zip(_group_keys(results), results, strict=True):
@@ -136,9 +190,11 @@ def results_table(
         "param_ratio",
         "metrics (%)",
         "seeds",
+        *(["failed"] if baselines else []),
         "targeted params",
         "model params",
         "model kept",
+        "bytes kept",
         "train s",
     ]
     if benches:
@@ -161,9 +217,11 @@ def results_table(
             f"{ratio:g}",
             metrics or "-",
             str(len(runs)),
+            *([_failed_cell(runs, baselines)] if baselines else []),
             f"{p['targeted_after']:,}",
             f"{p['model_after']:,}",
             f"{p['model_after'] / p['model_before']:.3f}",
+            _bytes_kept(runs, method),
             f"{statistics.mean(train):.0f}" if train else "-",
         ]
         if benches:
@@ -173,13 +231,17 @@ def results_table(
 
 
 def comparison_table(
-    results: list[dict[str, Any]], benches: dict[tuple[str, float], dict[str, Any]] | None = None
+    results: list[dict[str, Any]],
+    benches: dict[tuple[str, float], dict[str, Any]] | None = None,
+    baselines: dict[str, float] | None = None,
 ) -> str:
     """The compact view of a methods x tasks sweep (as Table 1 of Gupta et al. 2024): one row
     per (method, param_ratio), one column per task with its main metric in percent (mean ± std
-    over seeds; ``-`` where that task was not run), the fraction of the model's parameters kept,
-    and, with ``benches``, the latency ratio to dense at each benchmarked batch size.
+    over every seed; ``-`` where that task was not run; with ``baselines``, `` (k/n failed)``
+    where k of its n runs failed, ``is_failed_run``), the fraction of the model's parameters
+    kept, and, with ``benches``, the latency ratio to dense at each benchmarked batch size.
     """
+    failed: dict[tuple[str, float], dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     cells: dict[tuple[str, float], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     kept: dict[tuple[str, float], float] = {}
     metric_of: dict[str, str] = {}
@@ -190,6 +252,8 @@ def comparison_table(
         main = r.get("main_metric") or next(iter(r["metrics"]))
         metric_of[r["task"]] = main
         cells[key][r["task"]].append(100 * r["metrics"][main])
+        if baselines and (fail := is_failed_run(r, baselines)) is not None:
+            failed[key][r["task"]].append(fail)
         p = r["parameters"]
         kept[key] = p["model_after"] / p["model_before"]
     tasks = sorted(metric_of)
@@ -203,12 +267,37 @@ def comparison_table(
     for key in sorted(cells, key=lambda k: (k[0] != "dense", -k[1], k[0])):
         method, ratio = key
         row = [method, f"{ratio:g}", f"{kept[key]:.3f}"]
-        row += [_mean_std(cells[key][t]) if cells[key][t] else "-" for t in tasks]
+        for t in tasks:
+            cell = _mean_std(cells[key][t]) if cells[key][t] else "-"
+            if any(failed[key][t]):
+                cell += f" ({sum(failed[key][t])}/{len(failed[key][t])} failed)"
+            row.append(cell)
         bench = (benches or {}).get(key)
         by_batch = {b["batch_size"]: b["latency_ratio"] for b in bench["batches"]} if bench else {}
         for b in batch_sizes:
             row.append(f"{by_batch[b]:.2f}" if b in by_batch else "1" if method == "dense" else "-")
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def runs_table(results: list[dict[str, Any]], baselines: dict[str, float] | None = None) -> str:
+    """One row per run, to trace every number of the other tables to its run: task, method,
+    param_ratio, seed, main metric in percent (``failed`` where ``is_failed_run``), the run's
+    folder (a sweep's names end in the hash of the run's config) and the versions that ran it
+    (factorlab / torch / transformers)."""
+    columns = ["task", "method", "param_ratio", "seed", "main metric (%)", "run", "versions"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    keyed = list(zip(_group_keys(results), results, strict=True))
+    for key, r in sorted(keyed, key=lambda kr: (_order(kr[0]), kr[1].get("seed") or 0)):
+        main = r.get("main_metric")
+        value = (r.get("metrics") or {}).get(main)
+        metric = "-" if value is None else f"{main} {100 * value:.2f}"
+        if baselines and is_failed_run(r, baselines):
+            metric += " (failed)"
+        v = r.get("versions") or {}
+        version = " / ".join(v.get(k, "?") for k in ("factorlab", "torch", "transformers"))
+        cells = [key[0], key[1], f"{key[2]:g}", str(r.get("seed", "-")), metric]
+        lines.append("| " + " | ".join([*cells, Path(r["path"]).name, version]) + " |")
     return "\n".join(lines)
 
 
@@ -478,41 +567,62 @@ def _pretrained_model(results: list[dict[str, Any]]) -> Any:
     return load(path) if is_checkpoint(path) else load_model(path)
 
 
-def write_report(root: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
+def write_report(
+    root: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    baselines: dict[str, float] | None = None,
+) -> Path:
     """Write ``report.md`` and its PNG plots for every run under ``root``.
 
     ``report.md`` holds, for runs on several tasks, the compact ``comparison_table``; the results
     table (``results_table``, with latency ratios when benchmarks exist), the latency table
-    (``latency_table``) and the plots: ``metric_<task>.png`` per task, ``latency.png`` (with
+    (``latency_table``), the plots: ``metric_<task>.png`` per task, ``latency.png`` (with
     benchmarks) and ``reconstruction_error.png`` (from the pretrained model named in the runs'
-    config; skipped with a note if it cannot be loaded).
+    config; skipped with a note if it cannot be loaded), and ``runs_table``: every run with its
+    folder and versions.
 
     Args:
         root: a sweep folder or any folder holding run folders.
         output: where to write; default ``root/report``.
+        baselines: ``constant_baselines(results, GLUE folder)``: with them the tables count
+            failed runs (``is_failed_run``); without them they do not, and the report says so.
 
     Returns:
-        The path of ``report.md``.
+        The path of ``report.md`` (written through a temporary file).
 
     Raises:
         DataError: ``root`` holds no ``results.json``.
     """
     from factorlab.errors import FactorlabError
+    from factorlab.io import write_text_atomic
 
     results = collect_results(root)
     out = Path(output) if output is not None else Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
     benches = collect_benches(root, results)
     lines = [f"# factorlab report: {root}", "", f"{len(results)} runs.", ""]
+    if baselines:
+        shown = ", ".join(f"{t} {100 * b:.2f}" for t, b in sorted(baselines.items()))
+        failure = (
+            "A run fails when its main dev metric is not above the best constant predictor + 1 "
+            f"point (METHODS.md §4; constant predictors: {shown})."
+        )
+    else:
+        failure = "Failed runs are not counted: pass --data-dir (the GLUE folder) for them."
     if len({r["task"] for r in results if r.get("task")}) > 1:
-        lines += ["## Comparison", "", comparison_table(results, benches), ""]
+        lines += ["## Comparison", "", comparison_table(results, benches, baselines), ""]
         lines += [
-            "Main dev metric per task in percent (mean ± std over seeds); model kept: fraction "
-            "of the whole model's parameters; latency x: median latency over dense's.",
+            "Main dev metric per task in percent (mean ± std over every seed); model kept: "
+            "fraction of the whole model's parameters; latency x: median latency over dense's. "
+            + failure,
             "",
         ]
-    lines += ["## Results", "", results_table(results, benches), ""]
-    lines += ["Metrics: mean ± std over seeds, in percent.", ""]
+    lines += ["## Results", "", results_table(results, benches, baselines), ""]
+    lines += [
+        "Metrics: mean ± std over seeds, in percent; bytes kept: of the targeted layers' "
+        "weights. " + failure,
+        "",
+    ]
     if benches:
         lines += ["## Latency against dense", "", latency_table(benches), ""]
         first = next(iter(benches.values()))
@@ -554,6 +664,7 @@ def write_report(root: str | os.PathLike, output: str | os.PathLike | None = Non
                 "Fig. 5); dotted lines: the ranks of the sweep's param_ratios.",
                 "",
             ]
+    lines += ["## Runs", "", runs_table(results, baselines), ""]
     report = out / "report.md"
-    report.write_text("\n".join(lines))
+    write_text_atomic(report, "\n".join(lines))
     return report
