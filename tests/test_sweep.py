@@ -92,6 +92,16 @@ def test_plan_names_and_grid(tmp_path):
     assert runs[2].label == "rte low-rank 0.5 seed 1"
     # the hash depends on the config only: planning twice gives the same folders
     assert [r.name for r in plan_sweep(spec, tmp_path)] == names
+    # an entry's own tasks: it runs on those only, and the other runs keep their folders
+    extra = {**spec.source, "methods": [*spec.source["methods"]]}
+    extra["methods"].append({"name": "monarch", "tasks": ["sst2"], "param_ratios": [0.25]})
+    more = plan_sweep(parse_sweep(extra), tmp_path)
+    added = [r for r in more if r.name not in set(names)]
+    assert [(r.task, r.method.name, r.param_ratio, r.seed) for r in added] == [
+        ("sst2", "monarch", 0.25, 1),
+        ("sst2", "monarch", 0.25, 2),
+    ]
+    assert len(more) == len(runs) + 2
 
 
 @pytest.mark.parametrize(
@@ -105,6 +115,18 @@ def test_plan_names_and_grid(tmp_path):
         ({"methods": [{"name": "dense", "nblocks": 2}]}, "takes no options"),
         ({"methods": ["dense"], "bench": {"batch": 1}}, r"bench: unknown key"),
         ({"tasks": ["rte"]}, "methods is required"),
+        (
+            {
+                "tasks": ["rte"],
+                "methods": [{"name": "low-rank", "tasks": ["cola"]}],
+                "param_ratios": [0.5],
+            },
+            r"tasks \['cola'\] are not among the tasks \['rte'\]",
+        ),
+        (
+            {"methods": [{"name": "low-rank", "tasks": "rte"}], "param_ratios": [0.5]},
+            "tasks must be a non-empty list",
+        ),
         ([1, 2], "mapping"),
     ],
 )

@@ -22,6 +22,7 @@ YAML schema (unknown keys are errors)::
       - {name: block-low-rank, grid: {nblocks: [2, 4]}}   # grid: one variant per combination
       - {name: low-rank, staged: {order: top-down}}       # staged factorization (METHODS.md §4)
       - {name: low-rank, param_ratios: [0.1]}             # this entry's own ratios
+      - {name: low-rank, staged: {}, tasks: [mrpc]}       # only on these of the sweep's tasks
       - {name: act-svd, start: dense, distill: {alpha: 0.9}}
           # start: dense compresses the dense run of the same task and seed (its fine-tuned
           # model) instead of `model`; distill: recover with distillation from that dense run
@@ -84,7 +85,7 @@ TOP_KEYS = {
     "bench",
     "recipes",
 }
-METHOD_KEYS = {"name", "grid", "staged", "param_ratios", "start", "distill"}
+METHOD_KEYS = {"name", "grid", "staged", "param_ratios", "start", "distill", "tasks"}
 DISTILL_KEYS = {"alpha", "temperature", "hidden_weight"}
 STARTS = ("pretrained", DENSE)
 BENCH_KEYS = {"batch_sizes", "seq_len", "threads", "runs", "warmup"}
@@ -103,6 +104,7 @@ class MethodVariant:
             fine-tuned model of the dense run of the same task and seed).
         distill: ``DistillationConfig`` fields other than ``teacher`` (the teacher is the dense
             run of the same task and seed), or ``None``: the task loss alone.
+        tasks: the sweep's tasks this variant runs on, or ``None``: all of them.
     """
 
     name: str
@@ -111,6 +113,7 @@ class MethodVariant:
     param_ratios: tuple[float, ...] = (1.0,)
     start: str = "pretrained"
     distill: tuple[tuple[str, Any], ...] | None = None
+    tasks: tuple[str, ...] | None = None
 
     @property
     def needs_dense(self) -> bool:
@@ -261,6 +264,13 @@ def _expand_method(entry: Any, ratios: tuple[float, ...] | None, where: str) -> 
     if distill is not None:
         _check_keys(distill, DISTILL_KEYS, f"{where}: method {name!r}: distill")
         distill = {k: _number(v) for k, v in distill.items()}
+    tasks = entry.get("tasks")
+    if tasks is not None and (
+        not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks)
+    ):
+        raise _fail(
+            where, f"method {name!r}: tasks must be a non-empty list of names, got {tasks!r}"
+        )
     if name == DENSE:
         if set(entry) - {"name"}:
             raise _fail(where, "method 'dense' (the baseline) takes no options")
@@ -280,6 +290,7 @@ def _expand_method(entry: Any, ratios: tuple[float, ...] | None, where: str) -> 
                 own,
                 start,
                 None if distill is None else tuple(sorted(distill.items())),
+                None if tasks is None else tuple(tasks),
             )
         )
     return variants
@@ -320,6 +331,12 @@ def parse_sweep(data: Any, where: str = "sweep") -> SweepSpec:
         raise _fail(where, f"{needing[0]!r} starts or distils from the dense run: add dense")
     if needing and None in tasks:
         raise _fail(where, f"{needing[0]!r} needs a task: its dense run is fine-tuned on one")
+    for m in methods:
+        unknown = sorted(set(m.tasks or ()) - set(tasks))
+        if unknown:
+            raise _fail(
+                where, f"method {m.label!r}: tasks {unknown} are not among the tasks {tasks}"
+            )
     methods.sort(key=lambda m: m.name != DENSE)  # dense runs first: others may need them
     seeds = _list_of(data.get("seeds", [42]), int, "seeds", where)
     training = _training_fields(data.get("training"), "training", where)
@@ -414,6 +431,8 @@ def plan_sweep(spec: SweepSpec, output: str | os.PathLike) -> list[SweepRun]:
     for task in spec.tasks:
         fields = {**spec.training, **spec.recipes.get(task or "", {})}
         for method in spec.methods:
+            if method.tasks is not None and task not in method.tasks:
+                continue
             for ratio in method.param_ratios:
                 for seed in spec.seeds:
                     try:
