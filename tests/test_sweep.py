@@ -456,7 +456,8 @@ def test_lanes_split_task_and_seed_groups(tmp_path, tiny_model_dir, tiny_glue_di
     ]
 
 
-def test_report_tables_and_plots(tmp_path, tiny_model_dir, tiny_glue_dir, capsys):
+def test_report_tables_and_plots(tmp_path, tiny_model_dir, tiny_glue_dir, capsys, monkeypatch):
+    monkeypatch.delenv("GLUE_DIR", raising=False)  # failed runs are counted only with --data-dir
     path = write_sweep(
         tmp_path, tiny_model_dir, tiny_glue_dir, seeds=[1, 2], param_ratios=[0.5],
         bench={"batch_sizes": [1], "seq_len": 16, "threads": 1, "runs": 3},
