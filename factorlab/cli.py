@@ -514,14 +514,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     from factorlab.bench.report import (
         collect_benches,
         collect_results,
-        constant_baselines,
         results_table,
+        task_baselines,
         write_report,
     )
 
     results = collect_results(args.runs)
     data_dir = args.data_dir or os.environ.get("GLUE_DIR")
-    baselines = constant_baselines(results, data_dir) if data_dir else None
+    baselines = task_baselines(results, data_dir) if data_dir else None
     print(results_table(results, collect_benches(args.runs, results), baselines))
     written = write_report(args.runs, args.output, baselines)
     print(f"wrote {written} (and its PNG plots)")

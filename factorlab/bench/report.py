@@ -48,9 +48,7 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def constant_baselines(
-    results: list[dict[str, Any]], data_dir: str | os.PathLike
-) -> dict[str, float]:
+def task_baselines(results: list[dict[str, Any]], data_dir: str | os.PathLike) -> dict[str, float]:
     """Per task of ``results``, the dev score of the best constant predictor (fraction units;
     ``factorlab.stability.constant_baselines``: the better of the training and dev majority
     class, the training mean on STS-B), from the GLUE folder ``data_dir`` and the training split
@@ -176,7 +174,7 @@ def results_table(
     main metric in percent (and every other metric), number of seeds, targeted and whole-model
     parameters after compression, fraction of the model's parameters kept, fraction of the
     targeted layers' bytes kept (``-`` for runs that did not record it), and training time in
-    seconds (mean over seeds). With ``baselines`` (``constant_baselines``) a column counts the
+    seconds (mean over seeds). With ``baselines`` (``task_baselines``) a column counts the
     failed runs (``is_failed_run``); with ``benches`` (``{(method label, param_ratio): bench
     result}``, see ``collect_benches``) a last column gives the latency ratio to dense per batch
     size.
@@ -584,7 +582,7 @@ def write_report(
     Args:
         root: a sweep folder or any folder holding run folders.
         output: where to write; default ``root/report``.
-        baselines: ``constant_baselines(results, GLUE folder)``: with them the tables count
+        baselines: ``task_baselines(results, GLUE folder)``: with them the tables count
             failed runs (``is_failed_run``); without them they do not, and the report says so.
 
     Returns:
