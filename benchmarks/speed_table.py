@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from factorlab.io import write_marked_block
 
 RUNTIMES = {"torch": "PyTorch eager, fp32", "onnxruntime": "ONNX Runtime, fp32"}
 RUNTIMES["onnxruntimeint8"] = "ONNX Runtime, int8"
@@ -61,20 +61,6 @@ def table(folder: Path) -> str:
     return "\n".join(lines)
 
 
-def write_into(readme: Path, text: str) -> None:
-    """Replace what is between the markers in ``readme`` with ``text`` (atomically)."""
-    source = readme.read_text()
-    if START not in source or END not in source:
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
-    head, rest = source.split(START, 1)
-    _, tail = rest.split(END, 1)
-    fd, tmp = tempfile.mkstemp(dir=readme.parent, prefix=f".{readme.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{head}{START}\n{text}\n{END}{tail}")
-    os.chmod(tmp, readme.stat().st_mode)
-    os.replace(tmp, readme)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
@@ -83,7 +69,7 @@ def main() -> None:
     text = table(args.folder)
     print(text)
     if args.write:
-        write_into(args.write, text)
+        write_marked_block(args.write, (START, END), text)
 
 
 if __name__ == "__main__":

@@ -523,8 +523,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or os.environ.get("GLUE_DIR")
     baselines = task_baselines(results, data_dir) if data_dir else None
     print(results_table(results, collect_benches(args.runs, results), baselines))
-    written = write_report(args.runs, args.output, baselines)
-    print(f"wrote {written} (and its PNG plots)")
+    written = write_report(args.runs, args.output, baselines, args.readme)
+    print(f"wrote {written} (and its PNG plots)" + (f" and {args.readme}" if args.readme else ""))
     return 0
 
 
@@ -787,6 +787,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         help="GLUE folder (default $GLUE_DIR): with it the tables count the runs that failed "
         "(not above the constant predictor + 1 point)",
+    )
+    p.add_argument(
+        "--readme",
+        help="markdown file (e.g. README.md) whose block between '<!-- sweep-report:start -->' "
+        "and '<!-- sweep-report:end -->' becomes the report's comparison table",
     )
     p.set_defaults(func=cmd_report)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from factorlab.errors import OutputExistsError
+from factorlab.errors import ConfigError, DataError, OutputExistsError
 
 PARTIAL = ".partial-"
 OLD = ".old-"
@@ -44,6 +44,39 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def marked_block(text: str, markers: tuple[str, str], where: str) -> tuple[int, int]:
+    """The span of ``text`` between a start marker and an end marker (e.g. ``("<!-- x:start
+    -->", "<!-- x:end -->")`` in a README): the offsets just after the first and at the second.
+
+    Raises:
+        ConfigError: ``text`` (the file ``where``) lacks a marker, holds one twice, or has the
+            end marker first.
+    """
+    start, end = markers
+    found = text.count(start), text.count(end)
+    if found != (1, 1) or text.index(end) < text.index(start):
+        raise ConfigError(
+            f"{where} needs {start!r} once and then {end!r} once (found {found[0]} and "
+            f"{found[1]}): put the two markers where the generated text goes"
+        )
+    return text.index(start) + len(start), text.index(end)
+
+
+def write_marked_block(path: str | os.PathLike, markers: tuple[str, str], block: str) -> None:
+    """Replace what lies between ``markers`` in the file ``path`` with ``block`` on lines of its
+    own, atomically (``write_text_atomic``); the rest of the file is kept byte for byte.
+
+    Raises:
+        DataError: ``path`` does not exist.
+        ConfigError: its markers are missing or out of order (``marked_block``).
+    """
+    if not Path(path).is_file():
+        raise DataError(f"{path} does not exist: give the file that holds the markers {markers}")
+    text = Path(path).read_text()
+    start, end = marked_block(text, markers, str(path))
+    write_text_atomic(path, f"{text[:start]}\n{block.strip()}\n{text[end:]}")
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

@@ -37,6 +37,7 @@ from transformers.models.t5gemma.configuration_t5gemma import T5GemmaModuleConfi
 
 import factorlab as fl
 from factorlab.calibration import collect_statistics
+from factorlab.io import marked_block, write_marked_block
 from factorlab.targets import select_targets
 
 VOCAB = 96
@@ -259,8 +260,8 @@ def run_all() -> dict[tuple[str, str], str | None]:
 
 def readme_table(text: str) -> str:
     """The table between the README's support-matrix markers."""
-    start, end = (text.index(m) for m in MARKERS)
-    return text[start + len(MARKERS[0]) : end].strip()
+    start, end = marked_block(text, MARKERS, "README.md")
+    return text[start:end].strip()
 
 
 def main() -> None:
@@ -271,9 +272,7 @@ def main() -> None:
     if args.write is None:
         print(table)
         return
-    text = args.write.read_text()
-    start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
-    args.write.write_text(f"{text[:start]}\n{table}\n{text[end:]}")
+    write_marked_block(args.write, MARKERS, table)
     print(f"wrote the support matrix into {args.write}")
 
 

@@ -4,7 +4,8 @@ import stat
 
 import pytest
 
-from factorlab.io import atomic_directory, write_json_atomic
+from factorlab.errors import ConfigError, DataError
+from factorlab.io import atomic_directory, marked_block, write_json_atomic, write_marked_block
 
 
 def test_write_json_atomic_replaces_whole_file_with_umask_mode(tmp_path):
@@ -42,3 +43,19 @@ def test_atomic_directory_replaces_on_success_only(tmp_path):
         (tmp / "y.txt").write_text("third")
     assert sorted(p.name for p in run.iterdir()) == ["y.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_write_marked_block_replaces_only_between_the_markers(tmp_path):
+    markers = ("<!-- t:start -->", "<!-- t:end -->")
+    readme = tmp_path / "README.md"
+    readme.write_text("head\n<!-- t:start -->\nold\n<!-- t:end -->\ntail\n")
+    write_marked_block(readme, markers, "new\n")
+    assert readme.read_text() == "head\n<!-- t:start -->\nnew\n<!-- t:end -->\ntail\n"
+    for broken in ("<!-- t:end -->\n<!-- t:start -->\n", "<!-- t:start -->\n", "none\n"):
+        readme.write_text(broken)
+        with pytest.raises(ConfigError, match="needs '<!-- t:start -->' once"):
+            write_marked_block(readme, markers, "new")
+        assert readme.read_text() == broken
+    with pytest.raises(DataError, match="does not exist"):
+        write_marked_block(tmp_path / "missing.md", markers, "new")
+    assert marked_block("a<!-- t:start -->b<!-- t:end -->", markers, "x") == (17, 18)

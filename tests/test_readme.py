@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from factorlab.bench.report import (
+    README_MARKERS,
+    collect_benches,
+    collect_results,
+    comparison_section,
+    readme_section,
+    task_baselines,
+)
 from factorlab.cli import main
+from factorlab.io import marked_block
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET = {  # appended to the commands that train or time, so the test takes seconds
@@ -49,3 +58,17 @@ def test_every_readme_command_runs_as_written(tmp_path, glue_dir, monkeypatch, c
         capsys.readouterr()
     assert (work / "runs" / "mrpc-lr-kd" / "results.json").is_file()
     assert (work / "runs" / "sweep" / "report" / "report.md").is_file()
+
+
+def test_the_sweep_table_is_the_report_of_the_committed_records(glue_dir):
+    """The README's generated block is what `factorlab report benchmarks/records/glue --data-dir
+    ../shared/data/glue --readme README.md` writes from the committed records: no stale or
+    hand-edited number."""
+    root = "benchmarks/records/glue"
+    results = collect_results(REPO / root)
+    section = comparison_section(
+        results, collect_benches(REPO / root, results), task_baselines(results, glue_dir)
+    )
+    start, end = marked_block((REPO / "README.md").read_text(), README_MARKERS, "README.md")
+    text = (REPO / "README.md").read_text()[start:end]
+    assert text == f"\n{readme_section(root, section, len(results))}\n"

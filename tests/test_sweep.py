@@ -9,6 +9,7 @@ import yaml
 
 from factorlab.bench import sweep as sweep_mod
 from factorlab.bench.report import (
+    README_MARKERS,
     collect_benches,
     collect_results,
     comparison_table,
@@ -501,6 +502,24 @@ def test_report_tables_and_plots(tmp_path, tiny_model_dir, tiny_glue_dir, capsys
     assert "constant predictors: rte " in counted and "| failed |" in counted
     assert re.search(r"\| rte \| dense \| 1 \| .* \| 2 \| [012]/2 \|", counted)
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+    readme = tmp_path / "README.md"
+    kept = "# Title\n\nText above.\n"
+    begin, end = README_MARKERS
+    readme.write_text(f"{kept}{begin}\nstale table\n{end}\nText below.\n")
+    assert main(["report", str(out), "--output", str(other), "--readme", str(readme)]) == 0
+    updated = readme.read_text()
+    assert updated.startswith(f"{kept}{begin}\n| method | param_ratio |")
+    assert "stale table" not in updated and updated.endswith(f"{end}\nText below.\n")
+    assert "| low-rank | 0.5 |" in updated and f"(From `{out}`, 4 runs.)" in updated
+    assert main(["report", str(out), "--output", str(other), "--readme", str(readme)]) == 0
+    assert readme.read_text() == updated  # regenerating changes nothing
+    unmarked = tmp_path / "unmarked.md"
+    unmarked.write_text("no markers\n")
+    fresh = tmp_path / "fresh"
+    assert main(["report", str(out), "--output", str(fresh), "--readme", str(unmarked)]) == 2
+    assert unmarked.read_text() == "no markers\n" and not fresh.exists()  # refused before work
+    assert "needs '<!-- sweep-report:start -->' once" in capsys.readouterr().err
 
 
 def test_report_groups_seeds_and_tells_training_variants_apart():

@@ -4,7 +4,9 @@
 sweep's full report (``report.md`` and PNG plots: metric vs param_ratio per task, latency ratio vs
 param_ratio against the MAC-ratio ideal when ``bench.json`` files are present, and the SVD
 reconstruction error of the first and last query matrix vs the number of singular values kept,
-as in Gupta et al. 2024 [G24], Fig. 5).
+as in Gupta et al. 2024 [G24], Fig. 5). With ``readme``, it also rewrites the block of a
+markdown file between the ``README_MARKERS`` with the report's comparison, so a README's
+results table is the sweep's, never a hand copy.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from factorlab.errors import DataError
+
+README_MARKERS = ("<!-- sweep-report:start -->", "<!-- sweep-report:end -->")
 
 
 def collect_results(root: str | os.PathLike) -> list[dict[str, Any]]:
@@ -565,10 +569,37 @@ def _pretrained_model(results: list[dict[str, Any]]) -> Any:
     return load(path) if is_checkpoint(path) else load_model(path)
 
 
+def _failure_rule(baselines: dict[str, float] | None) -> str:
+    if not baselines:
+        return "Failed runs are not counted: pass --data-dir (the GLUE folder) for them."
+    shown = ", ".join(f"{t} {100 * b:.2f}" for t, b in sorted(baselines.items()))
+    return (
+        "A run fails when its main dev metric is not above the best constant predictor + 1 "
+        f"point (METHODS.md §4; constant predictors: {shown})."
+    )
+
+
+def comparison_section(
+    results: list[dict[str, Any]],
+    benches: dict[tuple[str, float], dict[str, Any]] | None = None,
+    baselines: dict[str, float] | None = None,
+) -> str:
+    """``comparison_table`` and the sentence that says how to read it: what ``write_report``
+    puts under "## Comparison" and ``readme`` between the ``README_MARKERS``."""
+    legend = (
+        "Main dev metric per task in percent (mean ± std over every seed); model kept: "
+        "fraction of the whole model's parameters; "
+        + ("latency x: median latency over dense's. " if benches else "no latency measured. ")
+    )
+    table = comparison_table(results, benches, baselines)
+    return f"{table}\n\n{legend}{_failure_rule(baselines)}"
+
+
 def write_report(
     root: str | os.PathLike,
     output: str | os.PathLike | None = None,
     baselines: dict[str, float] | None = None,
+    readme: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``report.md`` and its PNG plots for every run under ``root``.
 
@@ -584,37 +615,33 @@ def write_report(
         output: where to write; default ``root/report``.
         baselines: ``task_baselines(results, GLUE folder)``: with them the tables count
             failed runs (``is_failed_run``); without them they do not, and the report says so.
+        readme: a markdown file (the README) whose block between the ``README_MARKERS``
+            becomes ``comparison_section`` and the run count; checked before anything is
+            written.
 
     Returns:
-        The path of ``report.md`` (written through a temporary file).
+        The path of ``report.md`` (written through a temporary file, as is ``readme``).
 
     Raises:
-        DataError: ``root`` holds no ``results.json``.
+        DataError: ``root`` holds no ``results.json``, or ``readme`` does not exist.
+        ConfigError: ``readme`` lacks its markers (``factorlab.io.marked_block``).
     """
     from factorlab.errors import FactorlabError
-    from factorlab.io import write_text_atomic
+    from factorlab.io import marked_block, write_marked_block, write_text_atomic
 
     results = collect_results(root)
+    if readme is not None:
+        if not Path(readme).is_file():
+            raise DataError(f"--readme {readme} does not exist: give the markdown file to update")
+        marked_block(Path(readme).read_text(), README_MARKERS, str(readme))
     out = Path(output) if output is not None else Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
     benches = collect_benches(root, results)
     lines = [f"# factorlab report: {root}", "", f"{len(results)} runs.", ""]
-    if baselines:
-        shown = ", ".join(f"{t} {100 * b:.2f}" for t, b in sorted(baselines.items()))
-        failure = (
-            "A run fails when its main dev metric is not above the best constant predictor + 1 "
-            f"point (METHODS.md §4; constant predictors: {shown})."
-        )
-    else:
-        failure = "Failed runs are not counted: pass --data-dir (the GLUE folder) for them."
+    failure = _failure_rule(baselines)
+    comparison = comparison_section(results, benches, baselines)
     if len({r["task"] for r in results if r.get("task")}) > 1:
-        lines += ["## Comparison", "", comparison_table(results, benches, baselines), ""]
-        lines += [
-            "Main dev metric per task in percent (mean ± std over every seed); model kept: "
-            "fraction of the whole model's parameters; latency x: median latency over dense's. "
-            + failure,
-            "",
-        ]
+        lines += ["## Comparison", "", comparison, ""]
     lines += ["## Results", "", results_table(results, benches, baselines), ""]
     lines += [
         "Metrics: mean ± std over seeds, in percent; bytes kept: of the targeted layers' "
@@ -665,4 +692,12 @@ def write_report(
     lines += ["## Runs", "", runs_table(results, baselines), ""]
     report = out / "report.md"
     write_text_atomic(report, "\n".join(lines))
+    if readme is not None:
+        write_marked_block(readme, README_MARKERS, readme_section(root, comparison, len(results)))
     return report
+
+
+def readme_section(root: str | os.PathLike, comparison: str, runs: int) -> str:
+    """What ``write_report`` puts between a README's ``README_MARKERS``: the
+    ``comparison_section`` and where it came from."""
+    return f"{comparison}\n\n(From `{root}`, {runs} runs.)"
