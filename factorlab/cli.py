@@ -616,7 +616,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         tasks=args.tasks,
         param_ratios=args.param_ratios,
         seeds=args.seeds,
+        bench_only=args.bench_only,
     )
+    if args.bench_only:
+        print(f"sweep {output}: {len(summary.benched)} benchmarked")
+        return 0
     print(
         f"sweep {output}: {len(summary.executed)} runs done, {len(summary.skipped)} skipped "
         "(cached or recorded); "
@@ -866,6 +870,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep every finished run's results.json and bench.json (no checkpoint) in DIR, "
         "a folder to commit: runs recorded there are not run again even where their folders "
         "are gone, and `factorlab report DIR` reads it",
+    )
+    p.add_argument(
+        "--bench-only",
+        action="store_true",
+        help="train nothing: benchmark the selected runs that have a checkpoint in the sweep "
+        "folder (one per method variant and param_ratio; run it on an idle machine)",
     )
     p.set_defaults(func=cmd_sweep)
     return parser

@@ -457,6 +457,29 @@ def test_lanes_split_task_and_seed_groups(tmp_path, tiny_model_dir, tiny_glue_di
     ]
 
 
+def test_bench_only_times_the_checkpoints_a_smaller_grid_left(
+    tmp_path, tiny_model_dir, tiny_glue_dir
+):
+    bench = {"batch_sizes": [1], "seq_len": 16, "threads": 1, "runs": 3}
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_glue_dir, bench=bench)
+    out, record = tmp_path / "out", tmp_path / "record"
+    lane = run_sweep(load_sweep(path), out, record=record, param_ratios=[0.5])
+    assert len(lane.executed) == 2 and lane.benched == []  # a subset leaves the bench out
+    fake = CountingExecute()
+    summary = run_sweep(load_sweep(path), out, execute_fn=fake, record=record, bench_only=True)
+    assert fake.calls == [] and summary.executed == []  # nothing trained, not even 0.25
+    assert sorted(summary.benched) == sorted(lane.executed)  # dense and low-rank 0.5
+    for name in summary.benched:
+        assert json.loads((record / name / "bench.json").read_text())["settings"] == bench
+    again = run_sweep(load_sweep(path), out, record=record, bench_only=True)
+    assert again.benched == []  # kept benchmarks are not timed again
+    (tmp_path / "nb").mkdir()
+    no_bench = write_sweep(tmp_path / "nb", tiny_model_dir, tiny_glue_dir)
+    with pytest.raises(ConfigError, match="--bench-only needs a 'bench' section"):
+        run_sweep(load_sweep(no_bench), out, bench_only=True)
+    assert main(["sweep", str(no_bench), "--output", str(out), "--bench-only"]) == 2
+
+
 def test_report_tables_and_plots(tmp_path, tiny_model_dir, tiny_glue_dir, capsys, monkeypatch):
     monkeypatch.delenv("GLUE_DIR", raising=False)  # failed runs are counted only with --data-dir
     path = write_sweep(

@@ -735,6 +735,7 @@ def run_sweep(
     tasks: list[str] | None = None,
     param_ratios: list[float] | None = None,
     seeds: list[int] | None = None,
+    bench_only: bool = False,
 ) -> SweepSummary:
     """Run every run of a sweep that is not already done, then the optional benchmark. Runs go
     seed by seed (every task and method of the first seed, then the next), dense first.
@@ -765,13 +766,18 @@ def run_sweep(
             gone. A dense run recorded but without a folder runs again when a run still to do
             needs its checkpoint; the log says whether it reproduced its recorded metrics (the
             record keeps the first results of a run: nothing recorded is replaced).
+        bench_only: train nothing; benchmark the selected runs that have a checkpoint in
+            ``output`` (``bench_runs``: one per method variant and param_ratio), e.g. on an
+            idle machine after single-thread lanes ran a smaller grid. The ``record`` takes the
+            ``bench.json`` files.
 
     Returns:
         A ``SweepSummary``.
 
     Raises:
         ConfigError, DataError, OutputExistsError: invalid sweep, a ``record`` that is a file or
-        holds or lies in ``output`` (before anything runs); any exception of a run.
+        holds or lies in ``output``, ``bench_only`` for a sweep without a ``bench`` section
+        (before anything runs); any exception of a run.
     """
     if not isinstance(spec, SweepSpec):
         spec = load_sweep(spec)
@@ -790,6 +796,8 @@ def run_sweep(
     runs = select_runs(in_lane, methods=methods, **selection)
     # one seed over every task and method before the next: a sweep cut short still compares all
     runs = sorted(runs, key=lambda r: spec.seeds.index(r.seed))
+    if bench_only:
+        return _bench_only(spec, runs, output, log, record)
     selected = {r.name for r in runs}
     missing = [
         r for r in runs if r.name not in done and _waits(r, output) and r.after not in selected
@@ -859,6 +867,26 @@ def run_sweep(
         summary.benched = bench_runs(runs, spec.bench, log, record)
         for name in summary.benched if record is not None else ():
             write_record(output / name, record)
+    return summary
+
+
+def _bench_only(
+    spec: SweepSpec,
+    runs: list[SweepRun],
+    output: Path,
+    log: Callable[[str], None],
+    record: Path | None,
+) -> SweepSummary:
+    """``run_sweep(..., bench_only=True)``: benchmark the runs that have checkpoints here."""
+    if spec.bench is None:
+        raise ConfigError(
+            "--bench-only needs a 'bench' section in the sweep file; add one, e.g. "
+            "bench: {batch_sizes: [1, 32], seq_len: 128, threads: 2, runs: 20}"
+        )
+    summary = SweepSummary(output)
+    summary.benched = bench_runs(runs, spec.bench, log, record)
+    for name in summary.benched if record is not None else ():
+        write_record(output / name, record)
     return summary
 
 
